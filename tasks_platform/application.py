@@ -1,0 +1,34 @@
+"""The Celery application: ``create_app()``; ``tasks_platform.app`` is the default one."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from celeryconfig import celery_config
+from tasks_platform.settings import Settings, load_settings
+from tasks_platform.topology import Topology
+from tasks_platform.worker import DeclareDeadLetterQueues
+
+
+class PlatformCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries its platform settings and topology."""
+
+    settings: Settings
+    topology: Topology
+
+
+def create_app(settings: Settings | None = None, *, set_as_current: bool = True) -> PlatformCelery:
+    """A configured Celery app. Nothing connects to a server until the app is used."""
+    # celeryconfig imports this package's modules; importing it here keeps start-up ordered
+
+    settings = settings or load_settings()
+    topology = Topology(settings)
+    if settings.embedded:
+        for folder in settings.broker_folders().values():
+            folder.mkdir(parents=True, exist_ok=True)
+    app = PlatformCelery("tasks_platform", set_as_current=set_as_current)
+    app.settings = settings
+    app.topology = topology
+    app.conf.update(celery_config(settings, topology))
+    app.steps["consumer"].add(DeclareDeadLetterQueues)
+    return app

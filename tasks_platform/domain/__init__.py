@@ -1,0 +1,1 @@
+"""Plain domain code the jobs call; nothing here imports Celery."""
