@@ -335,12 +335,14 @@ def read_letter(family: str, message: Message) -> DeadLetter:
 
 def _payload(message: Message) -> Any:
     """The message body for display: parsed JSON, never unpickled."""
+    body = message.body or b""
+    raw = body.encode("utf-8", "replace") if isinstance(body, str) else bytes(body)
     if message.content_type != "application/json":
-        return {"undisplayable": f"{len(message.body or b'')} bytes of {message.content_type}"}
+        return {"undisplayable": f"{len(raw)} bytes of {message.content_type}"}
     try:
-        return json.loads(message.body)
-    except (TypeError, ValueError):
-        return {"undecodable": repr(bytes(message.body or b"")[:200])}
+        return json.loads(raw)
+    except ValueError:
+        return {"undecodable": repr(raw[:200])}
 
 
 def _replay_headers(message: Message) -> dict[str, Any]:

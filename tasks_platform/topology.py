@@ -19,6 +19,7 @@ low           0                           9                             FIFO (ig
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from kombu.entity import Exchange, Queue
 
@@ -107,6 +108,31 @@ class Topology:
 
     def dead_queues(self) -> list[Queue]:
         return [self.dead_queue(family) for family in QUEUES]
+
+    def declare_all(self, channel: Any) -> None:
+        """Declare every exchange, work queue and dead-letter queue on ``channel``."""
+        for queue in (*self.work_queues(), *self.dead_queues()):
+            queue(channel).declare()
+
+    def delete_all(self, channel: Any) -> None:
+        """Delete every queue and exchange of this prefix (demo and test clean-up)."""
+        if not self.prefix:
+            raise ValueError("refusing to delete the queues of the unprefixed deployment")
+        if self.broker_kind is BrokerKind.REDIS:
+            # kombu's Redis queue_delete keeps the lists it holds and its binding keys
+            client = channel.client
+            for pattern in (f"{self.prefix}*", f"_kombu.binding*.{self.prefix}*"):
+                for key in client.scan_iter(match=pattern, count=500):
+                    client.delete(key)
+            return
+        for queue in (*self.work_queues(), *self.dead_queues()):
+            queue(channel).delete()
+        for exchange in (self.work_exchange, self.dead_exchange):
+            exchange(channel).delete()
+        if self.broker_kind is BrokerKind.RABBITMQ:
+            for name in (f"{self.prefix}celeryev", f"{self.prefix}celery.pidbox",
+                         f"reply.{self.prefix}celery.pidbox"):  # fmt: skip
+                Exchange(name)(channel).delete()
 
     # -- priorities --------------------------------------------------------------------------
     def priority_value(self, priority: Priority) -> int | None:

@@ -1,0 +1,280 @@
+"""The main job: run a worker, push a realistic mixed workload through it, report per queue.
+
+``tasks-platform demo`` starts a real worker process on the configured broker (the embedded
+file broker when nothing is configured), submits a few hundred jobs across the job families
+and priorities (some failing transiently, a few for good), shows progress from the worker's
+events, and ends with a per-queue table. It exits 0 only if every job ended as planned:
+succeeded, or dead-lettered exactly once. It uses its own queue prefix (or its own data
+folder) and removes it afterwards, so it never touches other jobs on a shared broker.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tasks_platform.application import PlatformCelery, create_app
+from tasks_platform.deadletter import DeadLetters
+from tasks_platform.errors import InvalidPayload
+from tasks_platform.process import WorkerProcess
+from tasks_platform.settings import Settings, load_settings
+from tasks_platform.submit import submit
+from tasks_platform.table import format_table
+from tasks_platform.topology import QUEUES
+
+DEMO_MAX_RETRIES = 3  # the demo family's retry policy
+
+
+@dataclass(frozen=True)
+class Planned:
+    job: str
+    family: str
+    payload: dict[str, Any]
+    priority: str
+    expect: str  # "succeeded" | "dead"
+
+
+_MIX: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
+    # job, family, count, priorities
+    ("demo.generate_text", "ai", 60, ("normal", "high")),
+    ("demo.send_email", "email", 70, ("high", "normal")),
+    ("reports.render", "reports", 40, ("low", "normal")),
+    ("demo.deliver_webhook", "webhooks", 60, ("normal",)),
+    ("demo.charge_card", "payments", 30, ("critical",)),
+    ("demo.work", "default", 40, ("low", "normal")),
+)
+
+
+def plan(rng: random.Random, scale: float = 1.0) -> list[Planned]:
+    """The workload: per family, mostly healthy jobs, some flaky, a few hopeless."""
+    jobs: list[Planned] = []
+    for name, family, count, priorities in _MIX:
+        for number in range(max(1, round(count * scale))):
+            priority = rng.choice(priorities)
+            label = f"{family}-{number}"
+            if name == "reports.render":
+                rows = [[f"item {i}", rng.randint(1, 99), round(rng.random() * 100, 2)]
+                        for i in range(rng.randint(1, 50))]  # fmt: skip
+                payload: dict[str, Any] = {
+                    "title": f"Report {number}", "columns": ["item", "qty", "price"], "rows": rows,
+                }  # fmt: skip
+                jobs.append(Planned(name, family, payload, priority, "succeeded"))
+                continue
+            roll = rng.random()
+            fail_times = 0
+            permanent = False
+            if roll < 0.04:
+                permanent = True  # e.g. a webhook endpoint answering 410 Gone
+            elif roll < 0.07:
+                fail_times = DEMO_MAX_RETRIES + 2  # an outage longer than the retries
+            elif roll < 0.30:
+                fail_times = rng.randint(1, 2)  # a blip: retried, then fine
+            payload = {
+                "label": label, "duration": round(rng.uniform(0.005, 0.05), 3),
+                "fail_times": fail_times, "fail_permanently": permanent,
+            }  # fmt: skip
+            expect = "dead" if permanent or fail_times > DEMO_MAX_RETRIES else "succeeded"
+            jobs.append(Planned(name, family, payload, priority, expect))
+    rng.shuffle(jobs)
+    return jobs
+
+
+@dataclass
+class Tracker:
+    """Job outcomes as the worker's events tell them."""
+
+    outcome: dict[str, str] = field(default_factory=dict)
+    retries: Counter[str] = field(default_factory=Counter)
+    runtime: dict[str, float] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    wait: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind, task_id = event.get("type", ""), event.get("uuid")
+        if not task_id:
+            return
+        with self.lock:
+            if kind == "task-sent":
+                self.sent_at.setdefault(task_id, float(event["timestamp"]))
+            elif kind == "task-started" and task_id in self.sent_at and task_id not in self.wait:
+                self.wait[task_id] = float(event["timestamp"]) - self.sent_at[task_id]
+            elif kind == "task-retried":
+                self.retries[task_id] += 1
+            elif kind == "task-succeeded":
+                self.outcome[task_id] = "succeeded"
+                self.runtime[task_id] = float(event.get("runtime") or 0.0)
+            elif kind == "task-dead-lettered":
+                self.outcome[task_id] = "dead"
+
+    def snapshot(self) -> Counter[str]:
+        with self.lock:
+            counts = Counter(self.outcome.values())
+            counts["retries"] = sum(self.retries.values())
+            return counts
+
+
+class _Listener(threading.Thread):
+    def __init__(self, app: PlatformCelery, tracker: Tracker) -> None:
+        super().__init__(name="demo-events", daemon=True)
+        self.app, self.tracker = app, tracker
+        self.ready = threading.Event()
+        self.receiver: Any = None
+
+    def run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            receiver = self.app.events.Receiver(connection, handlers={"*": self.tracker.on_event})
+            receiver.on_consume_ready = self._on_ready  # subscribed: no event is missed from now
+            self.receiver = receiver
+            for _ in receiver.consume(limit=None, timeout=None, wakeup=False):
+                pass
+
+    def _on_ready(self, *args: Any, **kwargs: Any) -> None:
+        self.ready.set()
+
+    def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+        self.join(timeout=5)
+
+
+def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.stdout) -> int:
+    base = load_settings()
+    run_id = uuid.uuid4().hex[:6]
+    settings = _demo_settings(base, run_id)
+    app = create_app(settings, set_as_current=False)
+    where = "the embedded file broker" if settings.embedded else settings.broker_kind.value
+    print(f"tasks-platform demo on {where} (run {run_id})", file=out)
+    tracker = Tracker()
+    listener = _Listener(app, tracker)
+    listener.start()
+    if not listener.ready.wait(30):
+        print("could not subscribe to worker events", file=out)
+        return 1
+    worker = WorkerProcess(settings, concurrency=2, loglevel="WARNING")
+    try:
+        worker.start(app)
+        jobs = plan(random.Random(7), scale)
+        started = time.monotonic()
+        ids = _submit_all(app, jobs, out)
+        done = _wait(tracker, ids, started, timeout, out)
+        elapsed = time.monotonic() - started
+        dead_counts = DeadLetters(app).counts()
+        print(file=out)
+        _report(out, jobs, ids, tracker, dead_counts, elapsed)
+        return 0 if done and _as_planned(out, jobs, ids, tracker, dead_counts) else 1
+    finally:
+        worker.stop()
+        listener.stop()
+        _clean_up(app, settings, base)
+
+
+def _demo_settings(base: Settings, run_id: str) -> Settings:
+    if base.embedded:
+        return base.model_copy(update={"data_dir": base.data_dir / f"demo-{run_id}"})
+    return base.model_copy(update={"queue_prefix": f"{base.queue_prefix}demo-{run_id}-"})
+
+
+def _submit_all(app: PlatformCelery, jobs: list[Planned], out: TextIO) -> dict[str, Planned]:
+    ids: dict[str, Planned] = {}
+    for planned in jobs:
+        job_id = submit(planned.job, planned.payload, priority=planned.priority, app=app)
+        ids[job_id] = planned
+    try:  # bad input is refused at the door, before anything is queued
+        submit("reports.render", {"title": "", "columns": []}, app=app)
+    except InvalidPayload as exc:
+        print(f"refused at submit, as it should be: {exc}", file=out)
+    print(f"submitted {len(ids)} jobs across {len(QUEUES)} queues", file=out)
+    return ids
+
+
+def _wait(
+    tracker: Tracker, ids: dict[str, Planned], started: float, timeout: float, out: TextIO
+) -> bool:
+    last = ""
+    while time.monotonic() - started < timeout:
+        counts = tracker.snapshot()
+        finished = counts["succeeded"] + counts["dead"]
+        line = (f"  {finished:4d}/{len(ids)} finished: {counts['succeeded']} succeeded, "
+                f"{counts['dead']} dead-lettered, {counts['retries']} retries "
+                f"({time.monotonic() - started:5.1f}s)")  # fmt: skip
+        if line != last:
+            print(line, file=out, flush=True)
+            last = line
+        if all(job_id in tracker.outcome for job_id in ids):
+            return True
+        time.sleep(1.0)
+    print(f"timed out after {timeout:.0f}s", file=out)
+    return False
+
+
+def _report(
+    out: TextIO,
+    jobs: list[Planned],
+    ids: dict[str, Planned],
+    tracker: Tracker,
+    dead_counts: dict[str, int],
+    elapsed: float,
+) -> None:
+    header = ("queue", "submitted", "succeeded", "retried", "dead", "in Q.dead",
+              "run p50 ms", "run p95 ms", "wait p50 ms")  # fmt: skip
+    rows = []
+    for family in QUEUES:
+        mine = [job_id for job_id, planned in ids.items() if planned.family == family]
+        runs = sorted(tracker.runtime[i] * 1000 for i in mine if i in tracker.runtime)
+        waits = sorted(tracker.wait[i] * 1000 for i in mine if i in tracker.wait)
+        rows.append((
+            family, len(mine),
+            sum(tracker.outcome.get(i) == "succeeded" for i in mine),
+            sum(tracker.retries[i] for i in mine),
+            sum(tracker.outcome.get(i) == "dead" for i in mine),
+            dead_counts.get(family, 0),
+            _pct(runs, 50), _pct(runs, 95), _pct(waits, 50),
+        ))  # fmt: skip
+    totals = ("total", *(sum(int(r[c]) for r in rows) for c in range(1, 6)), "", "", "")
+    print(format_table(header, rows, footer=totals), file=out)
+    print(f"\n{len(jobs)} jobs in {elapsed:.1f}s ({len(jobs) / elapsed:.0f} jobs/s)", file=out)
+
+
+def _as_planned(
+    out: TextIO, jobs: list[Planned], ids: dict[str, Planned], tracker: Tracker,
+    dead_counts: dict[str, int],
+) -> bool:  # fmt: skip
+    wrong = [i for i, planned in ids.items() if tracker.outcome.get(i) != planned.expect]
+    expected_dead = Counter(p.family for p in jobs if p.expect == "dead")
+    if wrong:
+        print(f"{len(wrong)} job(s) did not end as planned, e.g. {wrong[:3]}", file=out)
+    if dict(expected_dead) != {f: n for f, n in dead_counts.items() if n}:
+        print(f"dead-letter queues hold {dead_counts}; expected {dict(expected_dead)}", file=out)
+        return False
+    if not wrong:
+        print("every job ended as planned; each hopeless one is in its Q.dead once", file=out)
+    return not wrong
+
+
+def _pct(values: list[float], pct: int) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.quantiles(values, n=100, method='inclusive')[pct - 1]:.1f}"
+
+
+def _clean_up(app: PlatformCelery, settings: Settings, base: Settings) -> None:
+    if settings.embedded:
+        shutil.rmtree(settings.data_dir, ignore_errors=True)
+        return
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        try:
+            app.topology.delete_all(channel)
+        finally:
+            channel.close()
