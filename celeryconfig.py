@@ -84,6 +84,8 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     if kind is BrokerKind.REDIS:
         return {
             "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": settings.redis_restore_interval,
+            "unacked_restore_throttle": 1,
             "priority_steps": list(REDIS_PRIORITY_STEPS),
             "queue_order_strategy": "priority",
         }

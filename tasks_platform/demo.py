@@ -155,12 +155,12 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
     print(f"tasks-platform demo on {where} (run {run_id})", file=out)
     tracker = Tracker()
     listener = _Listener(app, tracker)
-    listener.start()
-    if not listener.ready.wait(30):
-        print("could not subscribe to worker events", file=out)
-        return 1
     worker = WorkerProcess(settings, concurrency=2, loglevel="WARNING")
     try:
+        listener.start()
+        if not listener.ready.wait(30):
+            print("could not subscribe to worker events", file=out)
+            return 1
         worker.start(app)
         jobs = plan(random.Random(7), scale)
         started = time.monotonic()

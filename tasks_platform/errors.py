@@ -60,7 +60,7 @@ class TransientError(JobError):
 
     def __reduce__(self) -> tuple[object, ...]:
         # keyword-only arguments do not survive the default pickling used between pool processes
-        return (_rebuild_transient, (type(self), str(self), self.retry_after))
+        return (_rebuild_transient, (type(self), str(self), self.retry_after), self.__dict__)
 
 
 def _rebuild_transient(

@@ -9,6 +9,7 @@ server. ``TASKS_BROKER_URL`` selects Redis (``redis://``) or RabbitMQ (``amqp://
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class Settings(BaseSettings):
     visibility_timeout: float = Field(
         default=3600.0, gt=0, description="Redis: seconds before an unacked job is redelivered."
     )
+    redis_restore_interval: int = Field(
+        default=60, ge=1, description="Redis: seconds between sweeps for expired unacked jobs."
+    )
     prefetch_multiplier: int = Field(default=1, ge=1, description="Jobs reserved per process.")
     max_payload_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest payload accepted at submit (bytes)."
@@ -108,8 +112,8 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        """True when no broker server is configured."""
-        return self.broker_url is None
+        """True when the broker is the local file broker (no server)."""
+        return self.broker_kind is BrokerKind.FILESYSTEM
 
     @property
     def effective_broker_url(self) -> str:
@@ -126,9 +130,26 @@ class Settings(BaseSettings):
         root = self.data_dir.resolve() / "broker"
         return {name: root / name for name in ("queue", "control", "processed")}
 
+    @property
+    def max_countdown(self) -> float:
+        """Longest delay a retry may wait in the broker without being delivered twice."""
+        if self.broker_kind is BrokerKind.REDIS:
+            return self.visibility_timeout * 0.9
+        return float("inf")
+
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings from the environment, turning validation errors into one clear error."""
+    """Read the settings from the environment, turning validation errors into one clear error.
+
+    A ``TASKS_*`` variable the platform does not know is an error too: a typo such as
+    ``TASKS_BROKER_ULR`` would otherwise silently fall back to a default.
+    """
+    known = {f"TASKS_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(name for name in os.environ if name.startswith("TASKS_") and name not in known)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     try:
         return Settings(**overrides)
     except ValueError as exc:

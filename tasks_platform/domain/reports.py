@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def render_csv(
             raise ValueError(f"row {number} has {len(row)} cells; the report has {width} columns")
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{_SAFE.sub('_', stem)}.csv"
-    partial = target.with_suffix(".csv.partial")
+    partial = target.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([f"# {title}"])

@@ -28,9 +28,14 @@ class Script:
 
 
 def perform(script: Script, *, attempt: int) -> dict[str, object]:
-    """Do what the script says on this attempt (1-based)."""
-    if script.record_to:
-        _record(Path(script.record_to), f"{script.label} {attempt} {os.getpid()}")
+    """Do what the script says on this attempt (1-based).
+
+    With ``record_to`` it appends ``"<label> <attempt> <pid> start|done <unix time>"`` lines,
+    so that tests in another process can see every run and every success.
+    """
+    record = Path(script.record_to) if script.record_to else None
+    if record:
+        _record(record, f"{script.label} {attempt} {os.getpid()} start {time.time():.6f}")
     if script.crash:
         os.kill(os.getpid(), signal.SIGKILL)  # the process dies, as with a segfault or OOM kill
     if script.duration:
@@ -39,6 +44,8 @@ def perform(script: Script, *, attempt: int) -> dict[str, object]:
         raise SimulatedRejection(f"{script.label}: rejected for good")
     if attempt <= script.fail_times:
         raise SimulatedOutage(f"{script.label}: outage on attempt {attempt} of {script.fail_times}")
+    if record:
+        _record(record, f"{script.label} {attempt} {os.getpid()} done {time.time():.6f}")
     return {"label": script.label, "attempt": attempt}
 
 

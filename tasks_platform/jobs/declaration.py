@@ -38,7 +38,7 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 #: header counting how many times a job's worker process died under it
 DELIVERIES_HEADER = "x-tasks-deliveries"
 
-_declared: dict[str, str] = {}
+_declared: dict[str, tuple[str, PlatformTask]] = {}
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,9 @@ class PlatformTask(Task):  # type: ignore[misc]
             retries = int(self.request.retries or 0)
             decision = policy.decide(exc, retries)
             if decision.retry:
-                raise self.retry(
-                    exc=exc, countdown=decision.delay, max_retries=policy.max_retries
-                ) from exc
+                # a retry waiting longer than Redis' visibility timeout would run twice
+                delay = min(decision.delay, self.app.settings.max_countdown)
+                raise self.retry(exc=exc, countdown=delay, max_retries=policy.max_retries) from exc
             raise
 
     def _context(self, policy: RetryPolicy) -> JobContext:
@@ -187,8 +187,12 @@ def job(
 
     def decorate(body: Callable[..., Any]) -> PlatformTask:
         where = f"{body.__module__}.{body.__qualname__}"
-        if _declared.setdefault(name, where) != where:
-            raise DeclarationError(f"job {name!r} is declared twice: {_declared[name]}, {where}")
+        if name in _declared:
+            if _declared[name][0] != where:
+                raise DeclarationError(
+                    f"job {name!r} is declared twice: {_declared[name][0]}, {where}"
+                )
+            return _declared[name][1]  # the same declaration again (a module reloaded)
 
         def run(task: PlatformTask, *args: Any, **kwargs: Any) -> Any:
             return task.execute(args, kwargs)
@@ -210,7 +214,9 @@ def job(
             options["soft_time_limit"] = soft_time_limit
         if time_limit is not None:
             options["time_limit"] = time_limit
-        return cast(PlatformTask, shared_task(**options)(run))
+        task = cast(PlatformTask, shared_task(**options)(run))
+        _declared[name] = (where, task)
+        return task
 
     return decorate
 
@@ -236,6 +242,9 @@ def _check_declaration(
         raise DeclarationError(f"job {name!r}: schema must be a pydantic model class")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise DeclarationError(f"job {name!r}: retry must be a RetryPolicy")
+    for limit in (soft_time_limit, time_limit):
+        if limit is not None and limit <= 0:
+            raise DeclarationError(f"job {name!r}: time limits must be positive seconds")
     if soft_time_limit is not None and time_limit is not None and time_limit <= soft_time_limit:
         raise DeclarationError(f"job {name!r}: time_limit must exceed soft_time_limit")
     try:

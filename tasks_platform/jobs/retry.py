@@ -78,7 +78,7 @@ class RetryPolicy:
     def backoff(self, retries: int, *, rng: random.Random | None = None) -> float:
         """Delay before retry number ``retries + 1`` (``retries`` already made)."""
         base, cap = self._numbers()
-        ceiling = min(cap, base * (2.0**retries))
+        ceiling = min(cap, base * (2.0 ** min(retries, 64)))  # 2**64 outgrows any cap
         if not self.jitter:
             return ceiling
         return (rng or random).uniform(ceiling / 2.0, ceiling)
@@ -89,8 +89,9 @@ class RetryPolicy:
         """Retry or give up, after ``retries`` retries already made, on failure ``exc``."""
         if not self.is_transient(exc):
             return RetryDecision(Verdict.PERMANENT)
-        max_retries = self.max_retries if self.max_retries is not None else 0
-        if retries >= max_retries:
+        if self.max_retries is None:
+            raise ValueError("retry policy has no max_retries; call with_defaults() first")
+        if retries >= self.max_retries:
             return RetryDecision(Verdict.EXHAUSTED)
         retry_after = getattr(exc, "retry_after", None)
         if isinstance(retry_after, int | float) and retry_after >= 0:

@@ -204,24 +204,11 @@ def test_decide_before_with_defaults_on_a_permanent_failure_needs_no_numbers() -
     assert RetryPolicy().decide(ValueError(), 0).verdict is Verdict.PERMANENT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "retry.py:92 treats an unset max_retries as 0, so a policy never given its defaults "
-        "silently answers EXHAUSTED instead of raising like the backoff numbers do"
-    ),
-)
 def test_decide_on_a_bare_policy_raises_instead_of_giving_up() -> None:
     with pytest.raises(ValueError, match="with_defaults"):
         RetryPolicy().decide(TransientError(), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="retry.py:81 computes 2.0**retries, which overflows (OverflowError) from 1024 on",
-)
 def test_backoff_stays_capped_for_very_high_retry_counts() -> None:
     policy = ready(max_retries=100_000, jitter=False)
     assert policy.decide(TransientError(), 1024) == RetryDecision(Verdict.RETRY, 60.0)
@@ -262,7 +249,9 @@ def test_policy_is_immutable() -> None:
 def test_transient_error_pickle_round_trip_keeps_retry_after(
     retry_after: float | None, protocol: int
 ) -> None:
-    copy = pickle.loads(pickle.dumps(TransientError("rate limited", retry_after=retry_after), protocol))
+    copy = pickle.loads(
+        pickle.dumps(TransientError("rate limited", retry_after=retry_after), protocol)
+    )
     assert type(copy) is TransientError
     assert str(copy) == "rate limited"
     assert copy.retry_after == retry_after
@@ -283,19 +272,11 @@ def test_permanent_error_pickle_round_trip() -> None:
     assert str(copy) == "card declined"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "errors.py:61-63 TransientError.__reduce__ returns no state, so attributes and "
-        "__notes__ set on the exception are lost when it crosses pool processes"
-    ),
-)
 def test_transient_error_pickle_round_trip_keeps_attributes_and_notes() -> None:
     error = TransientError("upstream 503", retry_after=5)
     error.status = 503  # type: ignore[attr-defined]
     error.add_note("while calling the provider")
     copy = pickle.loads(pickle.dumps(error))
     assert copy.retry_after == 5
-    assert copy.status == 503
-    assert copy.__notes__ == ["while calling the provider"]
+    assert getattr(copy, "status", None) == 503
+    assert getattr(copy, "__notes__", None) == ["while calling the provider"]
