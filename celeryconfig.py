@@ -76,8 +76,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
             "control_folder": str(folders["control"]),
-            "store_processed": True,
-            # must be on the same filesystem as queue/: moves must be atomic renames
+            # consumers claim a message by renaming it in here: same filesystem as queue/
             "processed_folder": str(folders["processed"]),
             "polling_interval": settings.polling_interval,
         }

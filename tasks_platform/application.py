@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from celeryconfig import celery_config
+from tasks_platform import embedded  # noqa: F401 - registers the embedded:// broker
 from tasks_platform.settings import Settings, load_settings
 from tasks_platform.topology import Topology
 from tasks_platform.worker import DeclareDeadLetterQueues

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.connection import Connection
 from kombu.message import Message
 
-from tasks_platform.errors import DeadLetterNotFound
+from tasks_platform.errors import DeadLetterNotFound, UnknownQueue
 from tasks_platform.jobs.declaration import DELIVERIES_HEADER
 from tasks_platform.topology import DEAD_SUFFIX, QUEUES, Topology
 
@@ -264,7 +264,10 @@ class DeadLetters:
         if queue is None:
             return QUEUES
         family = queue.removesuffix(DEAD_SUFFIX).removeprefix(self.topology.prefix)
-        self.topology.check_family(family)
+        try:
+            self.topology.check_family(family)
+        except ValueError as exc:
+            raise UnknownQueue(str(exc)) from None
         return (family,)
 
     @contextmanager

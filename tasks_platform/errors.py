@@ -6,6 +6,7 @@ Every error the platform raises derives from :class:`PlatformError`::
      ├── ConfigurationError      settings that cannot work (bad URL, placeholder secret, ...)
      ├── DeclarationError        a job declared with an unknown queue, a bad name, a duplicate ...
      ├── UnknownJob              submit() named a job type nobody declared
+ ├── UnknownQueue            an operation named a queue the topology does not have
      ├── InvalidPayload          a payload refused at submit time (nothing was queued)
      ├── DeadLetterNotFound      no dead letter with that task id
      └── JobError                raised by job bodies; drives the retry decision
@@ -33,6 +34,10 @@ class DeclarationError(PlatformError):
 
 class UnknownJob(PlatformError):
     """No job type is declared under that name."""
+
+
+class UnknownQueue(PlatformError):
+    """No work queue has that name."""
 
 
 class InvalidPayload(PlatformError):

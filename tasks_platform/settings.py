@@ -29,6 +29,7 @@ class BrokerKind(StrEnum):
 
 
 _SCHEMES = {
+    "embedded": BrokerKind.FILESYSTEM,
     "filesystem": BrokerKind.FILESYSTEM,
     "redis": BrokerKind.REDIS,
     "rediss": BrokerKind.REDIS,
@@ -117,7 +118,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://localhost//"
+        return self.broker_url or "embedded://localhost//"
 
     @property
     def effective_database_url(self) -> str:

@@ -1,0 +1,134 @@
+"""The ``tasks-platform`` command, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BROKER_URLS, Platform, make_platform, wait_for
+
+from tasks_platform.process import settings_env
+
+CLI = [sys.executable, "-m", "tasks_platform"]
+
+
+def _run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TASKS_")} | env
+    return subprocess.run(
+        [*CLI, *args], env=full, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _celery_workers() -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"celery" in (proc / "cmdline").read_bytes():
+                found.add(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis", "rabbitmq"])
+def test_demo_runs_the_mixed_workload_and_leaves_nothing_behind(
+    broker: str, tmp_path: Path
+) -> None:
+    with make_platform(broker, tmp_path) as platform:  # checks the service, isolates the run
+        env = settings_env(platform.settings)
+        env.pop("TASKS_QUEUE_PREFIX")  # the demo picks its own prefix and removes it
+        before = _celery_workers()
+
+        result = _run(env, "demo", "--scale", "0.25", timeout=240)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "every job ended as planned" in result.stdout
+        lines = result.stdout.splitlines()
+        header = next(i for i, line in enumerate(lines) if line.startswith("queue "))
+        assert [lines[header + 2 + n].split()[0] for n in range(6)] == [
+            "ai", "email", "reports", "webhooks", "payments", "default",
+        ]  # fmt: skip
+        total = lines[header + 9].split()
+        assert total[0] == "total"
+        submitted, succeeded, _retried, dead, in_dlq = (int(x) for x in total[1:6])
+        assert submitted == succeeded + dead
+        assert dead == in_dlq > 0
+        assert _celery_workers() - before == set()  # no process left behind
+        if broker == "embedded":
+            assert not list((tmp_path / "data").glob("demo-*"))  # its folder is removed
+
+
+def _kill_some_jobs(platform: Platform) -> list[str]:
+    platform.worker()
+    task = platform.task("demo.work")
+    ids = [task.delay(label=f"bad{i}", fail_permanently=True).id for i in range(3)]
+    wait_for(lambda: len(platform.dead_letters().list()) == 3, 60, what="three dead letters")
+    for worker in platform.workers:
+        worker.stop()
+    return ids
+
+
+def test_dlq_commands_list_show_replay_and_purge(tmp_path: Path) -> None:
+    with make_platform("redis", tmp_path) as platform:
+        env = settings_env(platform.settings)
+        ids = _kill_some_jobs(platform)
+
+        listing = _run(env, "dlq", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "3 dead letter(s)" in listing.stdout
+        assert all(i in listing.stdout for i in ids)
+        assert "permanent_error" in listing.stdout
+
+        as_json = [
+            json.loads(line)
+            for line in _run(env, "dlq", "list", "--json").stdout.split("\n")
+            if line
+        ]
+        assert sorted(d["task_id"] for d in as_json) == sorted(ids)
+        assert {d["exception_type"] for d in as_json} == {"SimulatedRejection"}
+
+        shown = json.loads(_run(env, "dlq", "show", ids[0]).stdout)
+        assert shown["task_id"] == ids[0]
+        assert "SimulatedRejection" in shown["traceback"]
+
+        replay = _run(env, "dlq", "replay", ids[0])
+        assert replay.stdout.strip() == "replayed 1 job(s)"
+        assert len(platform.dead_letters().list()) == 2
+        queue = platform.app.topology.work_queue("default")
+        with platform.app.connection_for_write() as connection:
+            assert queue(connection.default_channel).queue_declare(passive=True).message_count == 1
+
+        purge = _run(env, "dlq", "purge", "--queue", "default", "--yes")
+        assert purge.stdout.strip() == "purged 2 message(s)"
+        assert platform.dead_letters().list() == []
+
+
+def test_cli_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path: Path) -> None:
+    with make_platform("redis", tmp_path) as platform:
+        env = settings_env(platform.settings)
+
+        missing = _run(env, "dlq", "show", "no-such-id")
+        assert missing.returncode == 2
+        assert missing.stderr.strip() == "error: no dead letter with task id 'no-such-id'"
+
+        no_target = _run(env, "dlq", "replay")
+        assert no_target.returncode == 2
+        assert "exactly one of" in no_target.stderr
+
+        bad_queue = _run(env, "dlq", "list", "nosuchqueue")
+        assert bad_queue.returncode != 0
+        assert "unknown queue 'nosuchqueue'" in bad_queue.stderr
+
+
+def test_unknown_or_invalid_settings_are_refused_with_the_variable_named(tmp_path: Path) -> None:
+    typo = _run({"TASKS_BROKER_ULR": BROKER_URLS["redis"] or ""}, "dlq", "list")
+    assert typo.returncode != 0
+    assert "TASKS_BROKER_ULR" in typo.stderr
+
+    scheme = _run({"TASKS_BROKER_URL": "bogus://x"}, "dlq", "list")
+    assert scheme.returncode != 0
+    assert "TASKS_BROKER_URL has scheme 'bogus'" in scheme.stderr
