@@ -108,12 +108,11 @@ def test_filesystem_transport_uses_the_broker_folders_under_data_dir(data_dir: P
     settings = Settings(data_dir=data_dir, polling_interval=0.05)
     config = config_for(settings)
     root = data_dir.resolve() / "broker"
-    assert config["broker_url"] == "filesystem://localhost//"
+    assert config["broker_url"] == "embedded://localhost//"
     expected = {
         "data_folder_in": str(root / "queue"),
         "data_folder_out": str(root / "queue"),
         "control_folder": str(root / "control"),
-        "store_processed": True,
         "processed_folder": str(root / "processed"),
         "polling_interval": 0.05,
     }

@@ -21,7 +21,7 @@ def test_defaults_run_on_the_embedded_file_broker(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     assert settings.broker_kind is BrokerKind.FILESYSTEM
     assert settings.embedded
-    assert settings.effective_broker_url == "filesystem://localhost//"
+    assert settings.effective_broker_url == "embedded://localhost//"
     assert settings.result_backend is None
     assert (settings.max_retries, settings.max_deliveries, settings.prefetch_multiplier) == (
         5,
@@ -40,6 +40,7 @@ def test_default_data_dir_is_under_the_home_directory() -> None:
     [
         (None, BrokerKind.FILESYSTEM),
         ("filesystem://localhost//", BrokerKind.FILESYSTEM),
+        ("embedded://localhost//", BrokerKind.FILESYSTEM),
         ("redis://localhost:6379/0", BrokerKind.REDIS),
         ("rediss://:secret@cache.example.com:6380/0", BrokerKind.REDIS),
         ("REDIS://LOCALHOST:6379/0", BrokerKind.REDIS),
@@ -52,7 +53,7 @@ def test_default_data_dir_is_under_the_home_directory() -> None:
 def test_broker_kind_follows_the_url_scheme(url: str | None, kind: BrokerKind) -> None:
     settings = load_settings(broker_url=url)
     assert settings.broker_kind is kind
-    assert settings.effective_broker_url == (url or "filesystem://localhost//")
+    assert settings.effective_broker_url == (url or "embedded://localhost//")
 
 
 @pytest.mark.parametrize(
