@@ -139,7 +139,7 @@ def dead_letter(app: PlatformCelery, message: Message, death: Death) -> None:
     dead_queue = topology.dead_queue(family)
     headers = dict(message.headers or {})
     headers.update(death.headers(topology.queue_name(family)))
-    with app.producer_or_acquire() as producer:
+    with _producer(app) as producer:
         producer.publish(
             message.body,
             exchange=topology.dead_exchange,
@@ -169,7 +169,7 @@ def _publish_work(
     topology = app.topology
     work_queue = topology.work_queue(family)
     priority = (message.properties or {}).get("priority")
-    with app.producer_or_acquire() as producer:
+    with _producer(app) as producer:
         producer.publish(
             message.body,
             exchange=topology.work_exchange,
@@ -183,6 +183,18 @@ def _publish_work(
             retry=True,
             retry_policy=_PUBLISH_RETRY,
         )
+
+
+@contextmanager
+def _producer(app: PlatformCelery) -> Iterator[Any]:
+    """A producer on a connection of its own, closed after use.
+
+    Not the app's pool: in a prefork worker every new pool process closes its inherited copies
+    of the pooled connections (kombu's after-fork clean-up), which closes them at the broker
+    under the main process; a publish then fails half-way and, retried, lands twice.
+    """
+    with app.connection_for_write() as connection:
+        yield connection.Producer()
 
 
 class DeadLetters:

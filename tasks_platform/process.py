@@ -39,6 +39,7 @@ class WorkerProcess:
         log_file: Path | None = None,
         loglevel: str = "INFO",
         extra_env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.nodename = f"worker-{uuid.uuid4().hex[:8]}@localhost"
@@ -48,12 +49,14 @@ class WorkerProcess:
         self.log_file = log_file
         self.loglevel = loglevel
         self.extra_env = extra_env or {}
+        #: what runs celery's command line (fault-injection tests wrap it)
+        self.launcher = launcher or [sys.executable, "-m", "celery"]
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def command(self) -> list[str]:
         command = [
-            sys.executable, "-m", "celery", "-A", "tasks_platform", "worker",
+            *self.launcher, "-A", "tasks_platform", "worker",
             "-n", self.nodename, "-c", str(self.concurrency), "-P", self.pool,
             "-l", self.loglevel, "--without-mingle", "--without-gossip",
         ]  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,45 @@ def test_poison_job_is_dead_lettered_after_bounded_deliveries(platform: Platform
     wait_for(lambda: runs.dones("next"), 60, what="the worker to keep serving")
     assert worker.process is not None
     assert worker.process.poll() is None
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_worker_killed_between_dead_lettering_and_ack_loses_nothing(
+    broker: str, tmp_path: Path
+) -> None:
+    launcher = [sys.executable, str(Path(__file__).with_name("kill_after_dead_letter.py"))]
+    with make_platform(
+        broker, tmp_path, visibility_timeout=6, backoff_max=4, redis_restore_interval=1
+    ) as platform:
+        dying = platform.worker(concurrency=1, launcher=launcher)
+        result = platform.task("demo.work").delay(label="doomed", fail_permanently=True)
+        wait_for(lambda: dying.process.poll() is not None, 60, what="the worker to die")
+        dying.kill()
+
+        platform.worker(concurrency=1)  # gets the unacknowledged job again
+
+        letters = wait_for(
+            lambda: (found := platform.dead_letters().list()) and len(found) == 2 and found,
+            90, what="the second copy",
+        )  # fmt: skip
+        assert {letter.task_id for letter in letters} == {result.id}  # recognisable by id
+        assert platform.dead_letters().replay(task_id=result.id) == [result.id]  # collapsed
+        [again] = wait_for(platform.dead_letters().list, 60, what="the replayed job to die")
+        assert again.task_id == result.id
+
+
+def test_each_dead_letter_lands_once_while_pool_processes_are_replaced(
+    server_platform: Platform,
+) -> None:
+    # every poison delivery replaces a pool process; dead letters published meanwhile
+    # must not be duplicated by the new process closing inherited broker connections
+    platform = server_platform
+    platform.worker(concurrency=2)
+    task = platform.task("demo.work")
+    ids = {task.delay(label=f"p{i}", crash=True).id for i in range(2)}
+    ids |= {task.delay(label=f"d{i}", fail_permanently=True).id for i in range(20)}
+
+    wait_for(lambda: len(platform.dead_letters().list()) >= 22, 120, what="22 dead letters")
+    time.sleep(2)  # a duplicate would arrive late
+    letters = platform.dead_letters().list()
+    assert sorted(letter.task_id for letter in letters) == sorted(ids)
