@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck unit integration e2e clean
+.PHONY: demo test lint typecheck unit integration e2e browser deploy-tools bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/tasks-platform demo
 
 ## test: lint, type-check and the whole test suite (unit, integration, e2e)
-test: lint typecheck
+test: lint typecheck browser deploy-tools
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -36,8 +36,47 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
 
-e2e: $(STAMP)
+e2e: $(STAMP) browser
 	$(BIN)/pytest tests/e2e
+
+## bench: what recording the history costs, and tenant fairness (needs Redis and PostgreSQL); prints tables, writes JSON
+bench: $(STAMP)
+	$(BIN)/python bench/history_overhead.py --json bench/results/history.json
+	$(BIN)/python bench/fairness.py --workers 1 --concurrency 2 --json bench/results/fairness.json
+
+## browser: Debian's chromium and chromium-driver, which the dashboard test drives headless
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the dashboard test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else \
+		case "$${CI:-}" in \
+		""|0|false|no) echo "note: no chromium/chromium-driver and no root apt-get to install" \
+			"them: the dashboard test will be skipped";; \
+		*) echo "the dashboard test needs Debian's chromium and chromium-driver:" \
+			"run 'apt-get install chromium chromium-driver' as root"; exit 1;; \
+		esac; \
+	fi
+
+## deploy-tools: Debian's docker-compose and systemd-analyze, which validate deploy/
+deploy-tools:
+	@if command -v docker-compose >/dev/null && command -v systemd-analyze >/dev/null; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's docker-compose and systemd to validate deploy/"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends docker-compose systemd; \
+	else \
+		case "$${CI:-}" in \
+		""|0|false|no) echo "note: no docker-compose/systemd-analyze and no root apt-get to" \
+			"install them: those deploy/ checks will be skipped";; \
+		*) echo "the deploy/ checks need Debian's docker-compose and systemd:" \
+			"run 'apt-get install docker-compose systemd' as root"; exit 1;; \
+		esac; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks_platform.schedules import beat_jobs, state_file
 from tasks_platform.settings import BrokerKind, Settings
 from tasks_platform.topology import REDIS_PRIORITY_STEPS, Priority, Topology
 
@@ -19,6 +20,8 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": _transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        # RabbitMQ: a peer that went silent (a cut link) is noticed within about two heartbeats
+        "broker_heartbeat": settings.broker_heartbeat,
         # JSON only, everywhere: pickle is never accepted (CVE-2021-23727 and friends)
         "task_serializer": "json",
         "result_serializer": "json",
@@ -54,6 +57,10 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
         "worker_consumer": "tasks_platform.worker:PlatformConsumer",
         "enable_utc": True,
         "timezone": "UTC",
+        # beat: the platform's periodic jobs and TASKS_SCHEDULES, checked when beat starts
+        "beat_schedule": _beat_schedule(settings),
+        "beat_schedule_filename": state_file(settings),
+        "beat_scheduler": "tasks_platform.schedules:PlatformScheduler",
     }
     if settings.result_backend:
         config["result_backend"] = settings.result_backend
@@ -66,6 +73,19 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
     else:
         config["task_ignore_result"] = True
     return config
+
+
+def _beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat's entries (a bad one is left out with a warning; beat refuses to start on it)."""
+    return {
+        job.name: {
+            "task": job.job,
+            "schedule": job.timing,
+            "kwargs": job.payload,
+            "options": job.publish_options(),
+        }
+        for job in beat_jobs(settings)
+    }
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -84,6 +104,9 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         return {
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.redis_restore_interval,
+            # the sweep's lock: a worker that dies or is cut off while it holds it must not stop
+            # every other worker's sweeps for kombu's 300 s, only for one visibility timeout
+            "unacked_mutex_expire": min(300, max(1, round(settings.visibility_timeout))),
             "unacked_restore_throttle": 1,
             "priority_steps": list(REDIS_PRIORITY_STEPS),
             "queue_order_strategy": "priority",

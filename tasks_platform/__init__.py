@@ -18,7 +18,12 @@ app: PlatformCelery = create_app()
 celery = app
 
 # the job families register themselves on every app
-from tasks_platform.jobs import demo, reports  # noqa: E402, F401
+from tasks_platform.jobs import demo, reports  # noqa: E402, F401, I001 - one line a family
+from tasks_platform.jobs import ai  # noqa: E402, F401
+from tasks_platform.jobs import payments  # noqa: E402, F401
+from tasks_platform.jobs import webhooks  # noqa: E402, F401
+from tasks_platform.jobs import email  # noqa: E402, F401
+from tasks_platform.jobs import platform  # noqa: E402, F401
 
 __all__ = [
     "JobContext",

@@ -6,9 +6,13 @@ from celery import Celery
 
 from celeryconfig import celery_config
 from tasks_platform import embedded  # noqa: F401 - registers the embedded:// broker
+from tasks_platform.history import recorder
+from tasks_platform.limits.mover import DeferredMover
+from tasks_platform.liveness import WorkerLiveness
 from tasks_platform.settings import Settings, load_settings
 from tasks_platform.topology import Topology
 from tasks_platform.worker import DeclareDeadLetterQueues
+from tasks_platform.worker_control import WorkerControl
 
 
 class PlatformCelery(Celery):  # type: ignore[misc]
@@ -32,4 +36,9 @@ def create_app(settings: Settings | None = None, *, set_as_current: bool = True)
     app.topology = topology
     app.conf.update(celery_config(settings, topology))
     app.steps["consumer"].add(DeclareDeadLetterQueues)
+    app.steps["consumer"].add(WorkerControl)  # durable queue pauses and cancellations
+    app.steps["consumer"].add(DeferredMover)  # tenant limits: publishes deferred jobs
+    app.steps["consumer"].add(WorkerLiveness)  # TASKS_WORKER_LIVENESS_FILE, for probes
+    if settings.history_enabled:
+        recorder.install(app)
     return app

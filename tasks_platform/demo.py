@@ -4,7 +4,9 @@
 file broker when nothing is configured), submits a few hundred jobs across the job families
 and priorities (some failing transiently, a few for good), shows progress from the worker's
 events, and ends with a per-queue table. It exits 0 only if every job ended as planned:
-succeeded, or dead-lettered exactly once. It uses its own queue prefix (or its own data
+succeeded, or dead-lettered exactly once. Its closing figures come from the history database
+and the stats module (what ``tasks-platform stats`` prints), not from counters of its own; the
+worker events only drive the progress lines. It uses its own queue prefix (or its own data
 folder) and removes it afterwards, so it never touches other jobs on a shared broker.
 """
 
@@ -12,22 +14,28 @@ from __future__ import annotations
 
 import random
 import shutil
-import statistics
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import sqlalchemy
+from sqlalchemy.orm import Session, sessionmaker
+
 from tasks_platform.application import PlatformCelery, create_app
-from tasks_platform.deadletter import DeadLetters
 from tasks_platform.errors import InvalidPayload
+from tasks_platform.history import recorder
+from tasks_platform.history.database import create_history_engine, session_factory
+from tasks_platform.history.models import TERMINAL_STATES, Job
 from tasks_platform.process import WorkerProcess
 from tasks_platform.settings import Settings, load_settings
+from tasks_platform.stats import Stats
+from tasks_platform.stats.report import format_snapshot, format_verdict
 from tasks_platform.submit import submit
-from tasks_platform.table import format_table
 from tasks_platform.topology import QUEUES
 
 DEMO_MAX_RETRIES = 3  # the demo family's retry policy
@@ -89,13 +97,10 @@ def plan(rng: random.Random, scale: float = 1.0) -> list[Planned]:
 
 @dataclass
 class Tracker:
-    """Job outcomes as the worker's events tell them."""
+    """Job outcomes as the worker's events tell them, for the progress lines."""
 
     outcome: dict[str, str] = field(default_factory=dict)
     retries: Counter[str] = field(default_factory=Counter)
-    runtime: dict[str, float] = field(default_factory=dict)
-    sent_at: dict[str, float] = field(default_factory=dict)
-    wait: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -103,15 +108,10 @@ class Tracker:
         if not task_id:
             return
         with self.lock:
-            if kind == "task-sent":
-                self.sent_at.setdefault(task_id, float(event["timestamp"]))
-            elif kind == "task-started" and task_id in self.sent_at and task_id not in self.wait:
-                self.wait[task_id] = float(event["timestamp"]) - self.sent_at[task_id]
-            elif kind == "task-retried":
+            if kind == "task-retried":
                 self.retries[task_id] += 1
             elif kind == "task-succeeded":
                 self.outcome[task_id] = "succeeded"
-                self.runtime[task_id] = float(event.get("runtime") or 0.0)
             elif kind == "task-dead-lettered":
                 self.outcome[task_id] = "dead"
 
@@ -156,6 +156,7 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
     tracker = Tracker()
     listener = _Listener(app, tracker)
     worker = WorkerProcess(settings, concurrency=2, loglevel="WARNING")
+    engine = create_history_engine(settings)
     try:
         listener.start()
         if not listener.ready.wait(30):
@@ -163,24 +164,37 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
             return 1
         worker.start(app)
         jobs = plan(random.Random(7), scale)
+        began = datetime.now(UTC)
         started = time.monotonic()
         ids = _submit_all(app, jobs, out)
         done = _wait(tracker, ids, started, timeout, out)
         elapsed = time.monotonic() - started
-        dead_counts = DeadLetters(app).counts()
-        print(file=out)
-        _report(out, jobs, ids, tracker, dead_counts, elapsed)
-        return 0 if done and _as_planned(out, jobs, ids, tracker, dead_counts) else 1
+        sessions = session_factory(engine)
+        states = _recorded_states(sessions, ids, out)
+        stats = Stats(app, sessions)
+        snapshot = stats.snapshot(window=datetime.now(UTC) - began)
+        print(f"\n{len(jobs)} jobs in {elapsed:.1f}s ({len(jobs) / elapsed:.0f} jobs/s); figures "
+              "from the history and the broker, as `tasks-platform stats` shows them:\n",
+              file=out)  # fmt: skip
+        print(format_snapshot(snapshot), file=out)
+        print(f"\nhealth: {format_verdict(stats.verdict(snapshot))}\n", file=out)
+        planned = _as_planned(out, jobs, ids, states, dict(snapshot.dead_letters))
+        return 0 if done and planned else 1
     finally:
         worker.stop()
         listener.stop()
+        recorder.close_all()  # the producer's transitions are written before the folder goes
+        engine.dispose()
         _clean_up(app, settings, base)
 
 
 def _demo_settings(base: Settings, run_id: str) -> Settings:
-    if base.embedded:
-        return base.model_copy(update={"data_dir": base.data_dir / f"demo-{run_id}"})
-    return base.model_copy(update={"queue_prefix": f"{base.queue_prefix}demo-{run_id}-"})
+    """A data folder of its own (its SQLite history, unless a database is configured), and
+    on a server broker a queue prefix of its own."""
+    update: dict[str, Any] = {"data_dir": base.data_dir / f"demo-{run_id}"}
+    if not base.embedded:
+        update["queue_prefix"] = f"{base.queue_prefix}demo-{run_id}-"
+    return base.model_copy(update=update)
 
 
 def _submit_all(app: PlatformCelery, jobs: list[Planned], out: TextIO) -> dict[str, Planned]:
@@ -216,39 +230,36 @@ def _wait(
     return False
 
 
-def _report(
-    out: TextIO,
-    jobs: list[Planned],
-    ids: dict[str, Planned],
-    tracker: Tracker,
-    dead_counts: dict[str, int],
-    elapsed: float,
-) -> None:
-    header = ("queue", "submitted", "succeeded", "retried", "dead", "in Q.dead",
-              "run p50 ms", "run p95 ms", "wait p50 ms")  # fmt: skip
-    rows = []
-    for family in QUEUES:
-        mine = [job_id for job_id, planned in ids.items() if planned.family == family]
-        runs = sorted(tracker.runtime[i] * 1000 for i in mine if i in tracker.runtime)
-        waits = sorted(tracker.wait[i] * 1000 for i in mine if i in tracker.wait)
-        rows.append((
-            family, len(mine),
-            sum(tracker.outcome.get(i) == "succeeded" for i in mine),
-            sum(tracker.retries[i] for i in mine),
-            sum(tracker.outcome.get(i) == "dead" for i in mine),
-            dead_counts.get(family, 0),
-            _pct(runs, 50), _pct(runs, 95), _pct(waits, 50),
-        ))  # fmt: skip
-    totals = ("total", *(sum(int(r[c]) for r in rows) for c in range(1, 6)), "", "", "")
-    print(format_table(header, rows, footer=totals), file=out)
-    print(f"\n{len(jobs)} jobs in {elapsed:.1f}s ({len(jobs) / elapsed:.0f} jobs/s)", file=out)
+def _recorded_states(
+    sessions: sessionmaker[Session], ids: dict[str, Planned], out: TextIO, timeout: float = 30.0
+) -> dict[str, str]:
+    """Each job's state in the history, once every job is terminal there (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    terminal = [state.value for state in TERMINAL_STATES]
+    while True:
+        states: dict[str, str] = {}
+        with sessions() as session:
+            for chunk in _chunks(list(ids), 500):
+                query = sqlalchemy.select(Job.id, Job.state).where(Job.id.in_(chunk))
+                states.update((job_id, state) for job_id, state in session.execute(query))
+        if all(states.get(job_id) in terminal for job_id in ids) or time.monotonic() > deadline:
+            missing = sum(states.get(job_id) not in terminal for job_id in ids)
+            if missing:
+                print(f"{missing} job(s) have no terminal row in the history", file=out)
+            return states
+        time.sleep(0.2)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _as_planned(
-    out: TextIO, jobs: list[Planned], ids: dict[str, Planned], tracker: Tracker,
+    out: TextIO, jobs: list[Planned], ids: dict[str, Planned], states: dict[str, str],
     dead_counts: dict[str, int],
 ) -> bool:  # fmt: skip
-    wrong = [i for i, planned in ids.items() if tracker.outcome.get(i) != planned.expect]
+    """Every job's recorded state is the planned one, and each dead job is in its Q.dead once."""
+    wrong = [i for i, planned in ids.items() if states.get(i) != planned.expect]
     expected_dead = Counter(p.family for p in jobs if p.expect == "dead")
     if wrong:
         print(f"{len(wrong)} job(s) did not end as planned, e.g. {wrong[:3]}", file=out)
@@ -260,17 +271,9 @@ def _as_planned(
     return not wrong
 
 
-def _pct(values: list[float], pct: int) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.quantiles(values, n=100, method='inclusive')[pct - 1]:.1f}"
-
-
 def _clean_up(app: PlatformCelery, settings: Settings, base: Settings) -> None:
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
     if settings.embedded:
-        shutil.rmtree(settings.data_dir, ignore_errors=True)
         return
     with app.connection_for_write() as connection:
         channel = connection.channel()

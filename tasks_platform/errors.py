@@ -6,12 +6,19 @@ Every error the platform raises derives from :class:`PlatformError`::
      ├── ConfigurationError      settings that cannot work (bad URL, placeholder secret, ...)
      ├── DeclarationError        a job declared with an unknown queue, a bad name, a duplicate ...
      ├── UnknownJob              submit() named a job type nobody declared
- ├── UnknownQueue            an operation named a queue the topology does not have
+     ├── UnknownQueue            an operation named a queue the topology does not have
      ├── InvalidPayload          a payload refused at submit time (nothing was queued)
+     ├── LimitsUnavailable       the Redis keeping tenant limits did not answer (nothing was queued)
+     ├── IdempotencyConflict     an idempotency key already names a job of another type
      ├── DeadLetterNotFound      no dead letter with that task id
+     │    └── DeadLetterGroupNotFound   no dead letter has that error fingerprint
+     ├── JobNotFound             no job with that id in the history
+     ├── JobFinished             a cancel came too late: the job already ended
+     ├── JobNotRetryable         retry named a job that has not failed, or whose payload is lost
      └── JobError                raised by job bodies; drives the retry decision
           ├── TransientError     worth retrying (optionally after ``retry_after`` seconds)
-          └── PermanentError     never retried: the job is dead-lettered at once
+          ├── PermanentError     never retried: the job is dead-lettered at once
+          └── JobCancelled       an operator cancelled the running job: it stops, never retried
 
 A job body may also raise any exception its declaration lists as transient; every other
 exception is treated as permanent.
@@ -44,8 +51,51 @@ class InvalidPayload(PlatformError):
     """The payload does not match the job type's schema; nothing was queued."""
 
 
+class LimitsUnavailable(PlatformError):
+    """The Redis that keeps tenant limits did not answer: a limited job is neither queued nor
+    run unlimited (nothing was queued; a worker puts the message back)."""
+
+
+class IdempotencyConflict(PlatformError):
+    """An idempotency key cannot give a job: nothing was queued.
+
+    ``code`` says why: ``idempotency_conflict`` (the key, within its tenant, was used for a job
+    of another type) or ``idempotency_in_flight`` (another submission with the key keeps
+    failing to publish; try again later).
+    """
+
+    def __init__(self, message: str, *, code: str = "idempotency_conflict") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_conflict, (type(self), str(self), self.code), self.__dict__)
+
+
+def _rebuild_conflict(
+    cls: type[IdempotencyConflict], message: str, code: str
+) -> IdempotencyConflict:
+    return cls(message, code=code)
+
+
 class DeadLetterNotFound(PlatformError):
     """No dead-letter queue holds a message with that task id."""
+
+
+class DeadLetterGroupNotFound(DeadLetterNotFound):
+    """No dead-letter queue holds a message with that error fingerprint."""
+
+
+class JobNotFound(PlatformError):
+    """No job with that id is in the history."""
+
+
+class JobFinished(PlatformError):
+    """The job already ended (succeeded, dead, cancelled ...): there is nothing to cancel."""
+
+
+class JobNotRetryable(PlatformError):
+    """The job cannot be retried: it has not failed, its type is gone, or its payload is lost."""
 
 
 class JobError(PlatformError):
@@ -76,3 +126,11 @@ def _rebuild_transient(
 
 class PermanentError(JobError):
     """A failure that retrying cannot fix: the job goes to its dead-letter queue at once."""
+
+
+class JobCancelled(JobError):
+    """Raised by :meth:`JobContext.raise_if_cancelled`: an operator cancelled the running job.
+
+    The job stops where it is: it is recorded ``revoked`` and acknowledged, never retried and
+    never dead-lettered.
+    """

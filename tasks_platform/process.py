@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import SecretStr
+
 from tasks_platform.settings import Settings
 
 READY_TIMEOUT = 60.0
@@ -20,8 +23,12 @@ READY_TIMEOUT = 60.0
 def settings_env(settings: Settings) -> dict[str, str]:
     """``TASKS_*`` variables that reproduce ``settings`` in another process."""
     env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
+    for name, value in settings.model_dump(mode="python").items():
+        if isinstance(value, SecretStr):  # str() would give the mask, not the secret
+            env[f"TASKS_{name.upper()}"] = value.get_secret_value()
+        elif isinstance(value, dict | list):  # read back as JSON
+            env[f"TASKS_{name.upper()}"] = json.dumps(value)
+        elif value is not None:
             env[f"TASKS_{name.upper()}"] = str(value)
     return env
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks_platform.errors import ConfigurationError
@@ -37,6 +37,47 @@ _SCHEMES = {
     "amqps": BrokerKind.RABBITMQ,
     "pyamqp": BrokerKind.RABBITMQ,
 }
+
+
+class SmtpSecurity(StrEnum):
+    """How the SMTP connection is protected."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    TLS = "tls"
+
+
+class TenantLimit(BaseModel):
+    """Limits of one tenant for one job type, enforced across every worker (in Redis).
+
+    ``rate`` jobs may start per ``per`` seconds; at most ``concurrency`` run at once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: int | None = Field(default=None, ge=1)
+    per: float = Field(default=1.0, gt=0, le=86400)
+    concurrency: int | None = Field(default=None, ge=1)
+
+
+class ScheduleEntry(BaseModel):
+    """A user-defined periodic job: ``job`` with ``payload``, on a ``cron`` line or ``every`` s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    job: str = Field(min_length=1)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    cron: str | None = None
+    every: float | None = Field(default=None, gt=0)
+    priority: str | None = None
+    tenant: str | None = None
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> ScheduleEntry:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError(f"schedule {self.name!r} needs exactly one of 'cron' and 'every'")
+        return self
 
 
 class Settings(BaseSettings):
@@ -78,8 +119,127 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest payload accepted at submit (bytes)."
     )
+    history_enabled: bool = Field(default=True, description="Record every job in the history.")
+    history_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="History events written per batch."
+    )
+    history_flush_interval: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between history writes."
+    )
+    history_buffer_max: int = Field(
+        default=100_000, ge=100, description="History events kept in memory during an outage."
+    )
+    history_journal_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Disk kept for them beyond that."
+    )
+    history_result_max_bytes: int = Field(
+        default=8192, ge=256, description="Largest job result stored in full (bytes)."
+    )
     polling_interval: float = Field(
         default=0.1, gt=0, description="Embedded broker: seconds between polls of the queue."
+    )
+    cancel_retention: float = Field(
+        default=7 * 86400.0,
+        ge=60,
+        description="Seconds a cancellation is honoured: a job still queued later may run.",
+    )
+    control_recheck_interval: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds between a worker's re-reads of queue pauses and cancellations.",
+    )
+    broker_heartbeat: float = Field(
+        default=60.0,
+        ge=0,
+        description="RabbitMQ: heartbeat (s) that detects a dead connection; 0 = off.",
+    )
+    worker_liveness_file: Path | None = Field(
+        default=None,
+        description="Worker: file touched while it consumes, for probes; unset = none.",
+    )
+    worker_liveness_interval: float = Field(
+        default=10.0, gt=0, le=3600, description="Worker: seconds between touches of that file."
+    )
+    flower_user: str | None = Field(
+        default=None, description="Flower: basic-auth user name (with flower_password)."
+    )
+    flower_password: SecretStr | None = Field(
+        default=None, description="Flower: basic-auth password (8+ characters, no comma)."
+    )
+    flower_broker_api: SecretStr | None = Field(
+        default=None,
+        description="Flower: RabbitMQ management API URL, for queue lengths (http://u:p@host:15672/api/).",
+    )
+    health_max_unsuccessful_jobs: int = Field(
+        default=10, ge=0, description="Health: failed or dead jobs per job type in the window."
+    )
+    health_max_queue_depth: int = Field(
+        default=50, ge=0, description="Health: messages waiting per work queue."
+    )
+    health_max_dead_letters: int = Field(
+        default=0, ge=0, description="Health: messages per dead-letter queue."
+    )
+    health_max_wait_p95: float = Field(
+        default=60.0, gt=0, description="Health: p95 wait per job type in the window (s)."
+    )
+    actor: str | None = Field(
+        default=None, description="Who command-line actions are audited as (else the OS user)."
+    )
+    api_max_body_bytes: int = Field(
+        default=2 * 1_048_576,
+        ge=1024,
+        description="Admin API: largest request body accepted (bytes); larger ones get 413.",
+    )
+
+    history_retention_days: float = Field(
+        default=30.0, gt=0, description="Days of history the scheduled cleanup keeps."
+    )
+    cleanup_interval: float = Field(
+        default=3600.0, gt=0, description="Beat: seconds between history cleanups."
+    )
+    stats_snapshot_interval: float = Field(
+        default=60.0, gt=0, description="Beat: seconds between stats snapshots."
+    )
+    schedules: list[ScheduleEntry] = Field(
+        default_factory=list, description="Beat: user-defined periodic jobs (JSON list)."
+    )
+    ai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="ai.generate: OpenAI-compatible API base URL (OpenAI, Ollama, vLLM ...).",
+    )
+    ai_model: str | None = Field(default=None, description="ai.generate: default model.")
+    ai_api_key: SecretStr | None = Field(default=None, description="ai.generate: API key.")
+    ai_timeout: float = Field(default=120.0, gt=0, description="ai.generate: request timeout.")
+    smtp_host: str = Field(default="localhost", description="email.send: SMTP server host.")
+    smtp_port: int = Field(default=587, ge=1, le=65535, description="email.send: SMTP port.")
+    smtp_security: SmtpSecurity = Field(
+        default=SmtpSecurity.STARTTLS, description="email.send: none, starttls or tls."
+    )
+    smtp_user: str | None = Field(default=None, description="email.send: SMTP user.")
+    smtp_password: SecretStr | None = Field(default=None, description="email.send: password.")
+    smtp_sender: str | None = Field(default=None, description="email.send: default From.")
+    smtp_timeout: float = Field(default=30.0, gt=0, description="email.send: SMTP timeout.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="webhooks.deliver: default HMAC-SHA256 signing secret."
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="webhooks.deliver: timeout.")
+    payments_base_url: str | None = Field(
+        default=None, description="payments.charge: payment provider API base URL."
+    )
+    payments_api_key: SecretStr | None = Field(
+        default=None, description="payments.charge: provider API key."
+    )
+    payments_timeout: float = Field(default=30.0, gt=0, description="payments.charge: timeout.")
+    limits_url: str | None = Field(
+        default=None, description="Redis for tenant limits; unset = the broker if it is Redis."
+    )
+    tenant_limits: dict[str, dict[str, TenantLimit]] = Field(
+        default_factory=dict,
+        description="Per tenant and job type limits (JSON; '*' matches any).",
+    )
+    limits_defer_delay: float = Field(
+        default=1.0, gt=0, le=3600, description="Seconds a job over a concurrency limit waits."
     )
 
     @model_validator(mode="after")
@@ -96,7 +256,31 @@ class Settings(BaseSettings):
                 f"TASKS_VISIBILITY_TIMEOUT ({self.visibility_timeout}): on Redis a retry "
                 "waiting longer than the visibility timeout is delivered twice"
             )
+        if self.tenant_limits and self.effective_limits_url is None:
+            raise ValueError(
+                "TASKS_TENANT_LIMITS needs Redis: set TASKS_LIMITS_URL=redis://... "
+                "(or use a Redis broker)"
+            )
         return self
+
+    @property
+    def effective_limits_url(self) -> str | None:
+        """The Redis that keeps tenant limits, or None when there is none."""
+        if self.limits_url:
+            return self.limits_url
+        if self.broker_url and self.broker_kind is BrokerKind.REDIS:
+            return self.broker_url
+        return None
+
+    def tenant_limit(self, tenant: str | None, job: str) -> TenantLimit | None:
+        """The limit of ``tenant`` on job type ``job``: the most specific entry, or None."""
+        for who in (tenant, "*"):
+            entries = self.tenant_limits.get(who) if who is not None else None
+            if entries:
+                for what in (job, "*"):
+                    if what in entries:
+                        return entries[what]
+        return None
 
     @property
     def broker_kind(self) -> BrokerKind:

@@ -13,20 +13,36 @@ Celery's own behaviour, and what the platform does instead:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from celery.worker.consumer import Consumer
-from celery.worker.request import Request
 from kombu.message import Message
 
-from tasks_platform.deadletter import DeadReason, Death, dead_letter, requeue_with_delivery
+from tasks_platform.deadletter import (
+    DeadReason,
+    Death,
+    dead_letter,
+    requeue_with_delivery,
+    source_queue,
+)
 from tasks_platform.errors import InvalidPayload
-from tasks_platform.jobs.declaration import DELIVERIES_HEADER, PlatformTask
+from tasks_platform.history.models import JobState
+from tasks_platform.history.recorder import record
+from tasks_platform.history.writer import Transition
+from tasks_platform.jobs.declaration import (
+    DELIVERIES_HEADER,
+    REPLAYS_HEADER,
+    RETRY_OF_HEADER,
+    PlatformTask,
+)
 from tasks_platform.jobs.retry import Verdict
+from tasks_platform.limits.admission import LimitedRequest
 
 if TYPE_CHECKING:
     from tasks_platform.application import PlatformCelery
@@ -34,15 +50,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class PlatformRequest(Request):  # type: ignore[misc]
-    """A Celery request whose final failure dead-letters the message before acking it."""
+class PlatformRequest(LimitedRequest):
+    """A Celery request whose final failure dead-letters the message before acking it (and
+    that keeps to its tenant's limits: :class:`~tasks_platform.limits.admission.LimitedRequest`).
+    """
 
     _failure: Any = None
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
-        self._failure = exc_info
+        # an ignored job (e.g. one that stopped because it was cancelled) is acknowledged as is
+        ignored = isinstance(_unwrap(getattr(exc_info, "exception", None)), Ignore)
+        self._failure = None if ignored else exc_info
         try:
             return super().on_failure(exc_info, send_failed_event, return_ok)
         finally:
@@ -118,12 +138,16 @@ class PlatformRequest(Request):  # type: ignore[misc]
             death.exception_type,
             death.exception_message,
         )
+        headers = self.request_dict or {}
+        record_dead(self.app, self.id, death, headers=headers, worker=self.hostname)
         self.send_event(
             "task-dead-lettered",
             reason=death.reason.value,
             attempts=death.attempts,
             exception=f"{death.exception_type}: {death.exception_message}",
         )
+        if getattr(self.task, "alert_on_dead", False):
+            alert(self.name, self.id, death, self.send_event)
         return True
 
     def _death(
@@ -204,6 +228,11 @@ class PlatformConsumer(Consumer):  # type: ignore[misc]
             return
         logger.error("message %s dead-lettered: %s: %s", task_id, exc_type, text)
         message.ack()
+        if task_id and isinstance(headers, dict):
+            app = cast("PlatformCelery", self.app)
+            queue = source_queue(app.topology, message)
+            record_dead(app, str(task_id), death, headers=headers, worker=self.hostname,
+                        queue=queue)  # fmt: skip
         if self.event_dispatcher and task_id:
             self.event_dispatcher.send(
                 "task-dead-lettered",
@@ -212,6 +241,76 @@ class PlatformConsumer(Consumer):  # type: ignore[misc]
                 attempts=1,
                 exception=f"{exc_type}: {text}",
             )
+        if task_id and isinstance(headers, dict):
+            self._alert_if_declared(str(headers.get("task")), str(task_id), death)
+
+    def _alert_if_declared(self, name: str, task_id: str, death: Death) -> None:
+        if not getattr(self.app.tasks.get(name), "alert_on_dead", False):
+            return
+
+        def send(kind: str, **fields: Any) -> None:
+            if self.event_dispatcher:
+                self.event_dispatcher.send(kind, uuid=task_id, **fields)
+
+        alert(name, task_id, death, send)
+
+
+def alert(name: str, task_id: str, death: Death, send_event: Callable[..., Any]) -> None:
+    """Raise the alert of a job type declared ``alert_on_dead``: a CRITICAL line and an event.
+
+    The line starts ``ALERT: <job name> job <id> dead-lettered: <reason>``; the Celery event
+    is ``task-alert`` (job name, reason, attempts, exception) for monitors that page someone.
+    """
+    exception = f"{death.exception_type}: {death.exception_message}"
+    logger.critical(
+        "ALERT: %s job %s dead-lettered: %s after %d attempt(s): %s",
+        name,
+        task_id,
+        death.reason.value,
+        death.attempts,
+        exception,
+    )
+    try:
+        send_event(
+            "task-alert",
+            job=name,
+            reason=death.reason.value,
+            attempts=death.attempts,
+            exception=exception,
+        )
+    except Exception:
+        logger.exception("could not send the task-alert event of %s[%s]", name, task_id)
+
+
+def record_dead(
+    app: PlatformCelery,
+    task_id: str,
+    death: Death,
+    *,
+    headers: dict[str, Any],
+    worker: str | None,
+    queue: str | None = None,
+) -> None:
+    """Tell the history that ``task_id`` is in its dead-letter queue, and why."""
+    attempt = int(headers.get("retries") or 0) + 1
+    facts: dict[str, Any] = {
+        "name": headers.get("task"),
+        "dead_reason": death.reason.value,
+        "error_type": death.exception_type,
+        "error_message": death.exception_message,
+        "error_traceback": death.traceback or None,
+    }
+    if queue is not None:
+        facts["queue"] = queue
+    # what identifies the job, in case this is the first of its transitions to be written
+    for fact, header in (("tenant", "tenant"), ("idempotency_key", "idempotency_key"),
+                         ("retry_of", RETRY_OF_HEADER)):  # fmt: skip
+        if headers.get(header) is not None:
+            facts[fact] = headers[header]
+    detail = {"reason": death.reason.value, "attempts": death.attempts}
+    replays = int(headers.get(REPLAYS_HEADER) or 0)
+    record(app, Transition(task_id, JobState.DEAD, attempt, time.time(), replays=replays,
+                           worker=worker, facts=facts, detail=detail))  # fmt: skip
 
 
 class DeclareDeadLetterQueues(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -6,9 +6,12 @@ fails them: CI never passes by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -20,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import sqlalchemy
 
 # Importing tasks_platform builds the default app from TASKS_* variables (and, for the embedded
 # broker, creates its folders). Import it with none of the caller's variables and a throw-away
@@ -33,6 +37,7 @@ with pytest.MonkeyPatch.context() as _patch:
 
 from tasks_platform import create_app
 from tasks_platform.deadletter import DeadLetters
+from tasks_platform.history import recorder
 from tasks_platform.process import WorkerProcess
 from tasks_platform.settings import Settings
 
@@ -42,6 +47,12 @@ POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 BROKER_URLS = {"embedded": None, "redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
+#: a Redis database of its own for tests with a short visibility timeout: kombu keeps one
+#: unacked hash per database, and their workers' restore sweeps would hand out the running
+#: jobs of tests that run meanwhile (the suite runs two files at a time)
+SHORT_VISIBILITY_REDIS_URL = os.environ.get(
+    "TEST_SHORT_VISIBILITY_REDIS_URL", "redis://127.0.0.1:6379/2"
+)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -72,6 +83,22 @@ def _no_tasks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("TASKS_"):
             monkeypatch.delenv(name)
+
+
+def stop_process(
+    process: subprocess.Popen[Any], *, timeout: float, whole_group: bool = False
+) -> None:
+    """SIGTERM the process (or its whole process group); SIGKILL the group after ``timeout``."""
+    with contextlib.suppress(ProcessLookupError):
+        if whole_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        elif process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def wait_for(
@@ -115,6 +142,8 @@ class Platform:
     settings: Any
     app: Any
     workers: list[Any] = field(default_factory=list)
+    #: an engine on the history database, for tests that read it
+    history: Any = None
 
     def worker(self, *, start: bool = True, **options: Any) -> WorkerProcess:
         options.setdefault("log_file", self.tmp_path / f"worker-{len(self.workers)}.log")
@@ -163,6 +192,7 @@ def make_platform(broker: str, tmp_path: Path, **overrides: Any) -> Iterator[Pla
     finally:
         for worker in platform.workers:
             worker.stop()
+        recorder.close_all()  # write what this process recorded, and close its connections
         if url is not None:
             with app.connection_for_write() as connection:
                 channel = connection.channel()
@@ -183,3 +213,19 @@ def server_platform(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     """A platform on each server broker (priorities need one)."""
     with make_platform(request.param, tmp_path) as made:
         yield made
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A database URL whose tables live in a fresh PostgreSQL schema, dropped afterwards."""
+    require_service("postgres", POSTGRES_URL)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(POSTGRES_URL)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{name}"
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{name}" CASCADE'))
+        engine.dispose()

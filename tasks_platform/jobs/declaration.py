@@ -20,16 +20,24 @@ declaration, never inside the body.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task, shared_task, signals
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.utils.dispatch import Signal
+from celery.utils.saferepr import saferepr
 from pydantic import BaseModel, ValidationError
 
-from tasks_platform.errors import DeclarationError, InvalidPayload
+from tasks_platform.cancellation import cancellation_requested
+from tasks_platform.errors import DeclarationError, InvalidPayload, JobCancelled
+from tasks_platform.history.redaction import redact
 from tasks_platform.jobs.retry import RetryPolicy
 from tasks_platform.settings import Settings
 from tasks_platform.topology import QUEUES, Priority
@@ -37,6 +45,31 @@ from tasks_platform.topology import QUEUES, Priority
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 #: header counting how many times a job's worker process died under it
 DELIVERIES_HEADER = "x-tasks-deliveries"
+#: header naming the tenant a job belongs to
+TENANT_HEADER = "tenant"
+#: the longest payload repr shown to monitors (Celery's own default)
+REPR_MAX = 1024
+#: header holding the key a job was submitted with (scoped per tenant)
+IDEMPOTENCY_KEY_HEADER = "idempotency_key"
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+#: header naming the job's priority (the broker only knows its number)
+PRIORITY_HEADER = "x-tasks-priority"
+#: header counting how many times an operator replayed the job from its dead-letter queue
+REPLAYS_HEADER = "x-tasks-replays"
+#: header naming the job an operator retried this one from (a new job with a new id)
+RETRY_OF_HEADER = "x-tasks-retry-of"
+#: the app publishing a job in this thread right now: Celery's publish signals name no app,
+#: and one process may hold several apps (each with its own history)
+PUBLISHING_APP: ContextVar[Any] = ContextVar("tasks_platform_publishing_app", default=None)
+#: sent by JobContext.report_progress (sender: the task; job_id, attempt, replays, worker,
+#: percent, note); the history recorder keeps the latest report of each running job
+job_progress = Signal(name="job_progress")
+#: the longest progress note kept (longer ones are cut)
+PROGRESS_NOTE_MAX = 500
+#: at most one ``task-progress`` monitoring event per job and this many seconds
+PROGRESS_EVENT_INTERVAL = 1.0
+
+logger = logging.getLogger(__name__)
 
 _declared: dict[str, tuple[str, PlatformTask]] = {}
 
@@ -51,6 +84,47 @@ class JobContext:
     max_retries: int
     queue: str | None
     settings: Settings
+    #: whose job this is (the ``tenant`` header), if anyone's
+    tenant: str | None = None
+    #: the key the job was submitted with (the ``idempotency_key`` header), if any
+    idempotency_key: str | None = None
+    #: where report_progress sends its reports (set by the worker; None: reports go nowhere)
+    progress_sink: Callable[[float, str | None], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def report_progress(self, percent: float, note: str | None = None) -> None:
+        """Say how far the job is: ``percent`` from 0 to 100 (clamped), and an optional note.
+
+        Cheap, and never fails or blocks the job: the history keeps the latest report of the
+        attempt (``percent``, ``progress_note``; a note is cut to 500 characters), written with
+        the next batch, and monitors get a ``task-progress`` event at most once a second.
+        A percent that is not a finite number is a bug in the job: ``ValueError``.
+        """
+        if isinstance(percent, bool) or not isinstance(percent, int | float):
+            raise ValueError(f"percent must be a number from 0 to 100, got {percent!r}")
+        if not math.isfinite(percent):
+            raise ValueError(f"percent must be a finite number from 0 to 100, got {percent!r}")
+        if note is not None:
+            note = str(note)[:PROGRESS_NOTE_MAX]
+        if self.progress_sink is not None:
+            self.progress_sink(min(max(float(percent), 0.0), 100.0), note)
+
+    def cancelled(self) -> bool:
+        """True once an operator cancelled this job: stop soon (cheap; call it often).
+
+        Where the pool cannot terminate a running job (threads, solo), this is how it stops;
+        the store is read at most once a second per job.
+        """
+        return cancellation_requested(self.settings, self.id)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`~tasks_platform.errors.JobCancelled` if the job was cancelled.
+
+        Let it propagate: the job is then recorded ``revoked``, never retried or dead-lettered.
+        """
+        if self.cancelled():
+            raise JobCancelled(f"job {self.id} was cancelled by an operator")
 
 
 class PlatformTask(Task):  # type: ignore[misc]
@@ -62,6 +136,12 @@ class PlatformTask(Task):  # type: ignore[misc]
     retry_policy: RetryPolicy = RetryPolicy()
     platform_priority: Priority = Priority.NORMAL
     takes_context: bool = False
+    #: payload fields kept out of the history (besides the secret-looking ones)
+    sensitive: tuple[str, ...] = ()
+    #: the payload field that receives the previous step's result in a workflow
+    parent_result: str | None = None
+    #: a dead-lettered job of this type also raises an alert (a CRITICAL log line, an event)
+    alert_on_dead: bool = False
     body: Callable[..., Any]
 
     # -- producer side -----------------------------------------------------------------------
@@ -76,24 +156,60 @@ class PlatformTask(Task):  # type: ignore[misc]
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
+        key = options.pop("idempotency_key", None)
+        if key is not None:  # once per key and tenant: a repeat gives the first job's result
+            from tasks_platform.intake import apply_once  # noqa: PLC0415 - it imports this module
+
+            given = {"task_id": task_id, "producer": producer, "link": link,
+                     "link_error": link_error, "shadow": shadow}  # fmt: skip
+            options.update({k: v for k, v in given.items() if v is not None})
+            return apply_once(self, key, args, kwargs, options)
         args, kwargs = self.validate_payload(args or (), kwargs or {})
+        tenant = options.pop("tenant", None)
+        if tenant is not None:  # whose job this is: history, limits, usage
+            check_tenant(tenant)
+            options["headers"] = {**(options.get("headers") or {}), TENANT_HEADER: tenant}
         topology = self.app.topology
         if not {"queue", "exchange", "routing_key"} & options.keys():
             options["queue"] = topology.queue_name(self.family)
-        options["priority"] = self._broker_priority(options.get("priority"))
-        return super().apply_async(
-            args, kwargs, task_id, producer, link, link_error, shadow, **options
-        )
+        priority = options.get("priority")
+        options["priority"] = self._broker_priority(priority)
+        if not isinstance(priority, int):  # a name: say it in a header (history, monitoring)
+            name = Priority.parse(priority) if priority else self.platform_priority
+            options["headers"] = {**(options.get("headers") or {}), PRIORITY_HEADER: name.value}
+        # what monitors show (events, inspect, Flower, logs): the payload without its secrets
+        options.setdefault("argsrepr", saferepr(redact(list(args), self.sensitive), REPR_MAX))
+        options.setdefault("kwargsrepr", saferepr(redact(kwargs, self.sensitive), REPR_MAX))
+        if self.app.settings.tenant_limits:  # a rate-limited tenant's jobs enter at its rate
+            from tasks_platform.limits.pacing import pace  # noqa: PLC0415 - it imports this module
+
+            task_id, deferred = pace(self, args, kwargs, options, task_id=task_id, link=link,
+                                     link_error=link_error, shadow=shadow)  # fmt: skip
+            if deferred is not None:
+                return deferred  # waits for its slot in Redis; a worker publishes it then
+        publishing = PUBLISHING_APP.set(self.app)
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        finally:
+            PUBLISHING_APP.reset(publishing)
 
     def validate_payload(
         self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The payload as it will travel (JSON-ready), or InvalidPayload with the reasons."""
         if self.schema is not None:
+            if args and self.parent_result is not None and len(args) == 1:
+                # a workflow step: the previous step's result goes in the declared field
+                kwargs = {**kwargs, self.parent_result: args[0]}
+                args = ()
             if args:
                 raise InvalidPayload(
                     f"{self.name} takes its payload as keyword arguments, got {len(args)} "
-                    "positional argument(s)"
+                    "positional argument(s); in a workflow, give it an immutable signature "
+                    "(.si(...)), or declare it with parent_result='field' to receive the "
+                    "previous step's result"
                 )
             try:
                 kwargs = self.schema.model_validate(kwargs).model_dump(mode="json")
@@ -149,6 +265,9 @@ class PlatformTask(Task):  # type: ignore[misc]
             return self.body(*call_args, **call_kwargs)
         except SoftTimeLimitExceeded:
             raise
+        except JobCancelled:
+            self._stopped_by_operator()
+            raise Ignore() from None
         except Exception as exc:
             retries = int(self.request.retries or 0)
             decision = policy.decide(exc, retries)
@@ -157,6 +276,13 @@ class PlatformTask(Task):  # type: ignore[misc]
                 delay = min(decision.delay, self.app.settings.max_countdown)
                 raise self.retry(exc=exc, countdown=delay, max_retries=policy.max_retries) from exc
             raise
+
+    def _stopped_by_operator(self) -> None:
+        """Announce a job that stopped because it was cancelled, as Celery does a terminated one."""
+        request = self.request
+        self.send_event("task-revoked", terminated=True, signum=None, expired=False)
+        signals.task_revoked.send(sender=self, request=request, terminated=True, signum=None,
+                                  expired=False)  # fmt: skip
 
     def _context(self, policy: RetryPolicy) -> JobContext:
         request = self.request
@@ -168,7 +294,40 @@ class PlatformTask(Task):  # type: ignore[misc]
             max_retries=policy.max_retries or 0,
             queue=delivery.get("routing_key"),
             settings=self.app.settings,
+            tenant=_header(request, TENANT_HEADER),
+            idempotency_key=_header(request, IDEMPOTENCY_KEY_HEADER),
+            progress_sink=self._progress_sink(),
         )
+
+    def _progress_sink(self) -> Callable[[float, str | None], None]:
+        """Reports of the running attempt: to the history (``job_progress``) and to monitors."""
+        request = self.request
+        job_id, hostname = str(request.id), request.hostname
+        attempt = int(request.retries or 0) + 1
+        replays = int((request.headers or {}).get(REPLAYS_HEADER) or 0)
+        last_event = [-math.inf]
+
+        def report(percent: float, note: str | None) -> None:
+            job_progress.send(sender=self, job_id=job_id, attempt=attempt, replays=replays,
+                              worker=hostname, percent=percent, note=note)  # fmt: skip
+            now = time.monotonic()
+            if now - last_event[0] >= PROGRESS_EVENT_INTERVAL or percent >= 100.0:
+                last_event[0] = now
+                self._send_progress_event(job_id, hostname, percent, note)
+
+        return report
+
+    def _send_progress_event(
+        self, job_id: str, hostname: str | None, percent: float, note: str | None
+    ) -> None:
+        if not self.app.conf.worker_send_task_events:
+            return
+        try:
+            with self.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+                dispatcher.send("task-progress", uuid=job_id, retry=False, percent=percent,
+                                note=note)  # fmt: skip
+        except Exception as exc:  # a monitoring event is never worth failing the job
+            logger.warning("could not send task-progress of %s: %s", job_id, exc)
 
 
 def job(
@@ -181,9 +340,18 @@ def job(
     soft_time_limit: float | None = None,
     time_limit: float | None = None,
     bind: bool = False,
+    sensitive: tuple[str, ...] = (),
+    alert_on_dead: bool = False,
+    parent_result: str | None = None,
 ) -> Callable[[Callable[..., Any]], PlatformTask]:
-    """Declare a job type; see the module docstring. Unknown or bad options fail here."""
+    """Declare a job type; see the module docstring. Unknown or bad options fail here.
+
+    ``parent_result`` names the payload field that receives the previous step's result when
+    the job is a step of a workflow (a chain's next step, a chord's callback); see
+    :mod:`tasks_platform.workflow`.
+    """
     level = _check_declaration(name, queue, schema, retry, priority, soft_time_limit, time_limit)
+    _check_parent_result(name, schema, parent_result)
 
     def decorate(body: Callable[..., Any]) -> PlatformTask:
         where = f"{body.__module__}.{body.__qualname__}"
@@ -208,6 +376,9 @@ def job(
             "retry_policy": retry or RetryPolicy(),
             "platform_priority": level,
             "takes_context": bind,
+            "sensitive": tuple(sensitive),
+            "alert_on_dead": bool(alert_on_dead),
+            "parent_result": parent_result,
             "body": staticmethod(body),
         }
         if soft_time_limit is not None:
@@ -253,6 +424,25 @@ def _check_declaration(
         raise DeclarationError(f"job {name!r}: {exc}") from None
 
 
+def check_tenant(tenant: object) -> None:
+    """InvalidPayload unless ``tenant`` (when given) is a valid tenant name."""
+    if tenant is not None and not (isinstance(tenant, str) and TENANT_PATTERN.match(tenant)):
+        raise InvalidPayload(
+            f"tenant must be 1-200 letters, digits or '._:@-' characters, got {tenant!r}"
+        )
+
+
+def _check_parent_result(name: str, schema: object, parent_result: str | None) -> None:
+    if parent_result is None:
+        return
+    fields = getattr(schema, "model_fields", None) if schema is not None else None
+    if not fields or parent_result not in fields:
+        raise DeclarationError(
+            f"job {name!r}: parent_result {parent_result!r} must name a field of its schema "
+            "(a job without a schema receives the previous result as a positional argument)"
+        )
+
+
 def _summary(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
@@ -260,3 +450,12 @@ def _summary(exc: ValidationError) -> str:
         parts.append(f"{where}: {error['msg']}")
     more = len(exc.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _header(request: Any, name: str) -> str | None:
+    """A custom header of the running job's message (Celery keeps them in ``request.headers``)."""
+    headers = getattr(request, "headers", None)
+    value = headers.get(name) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(request, name, None)
+    return None if value is None else str(value)

@@ -25,11 +25,58 @@ class Simulation(BaseModel):
     fail_permanently: bool = False
     crash: bool = False
     record_to: str | None = None
+    progress_steps: int = Field(default=0, ge=0, le=1000)
+    usage: dict[str, int] | None = Field(
+        default=None, description="Token counts the result reports as its 'usage'."
+    )
 
 
 def _run(context: JobContext, payload: Simulation) -> dict[str, object]:
     script = Script(**payload.model_dump())
-    return perform(script, attempt=context.attempt)
+    # a long simulated call stops soon after an operator cancels it
+    return perform(script, attempt=context.attempt, checkpoint=context.raise_if_cancelled,
+                   progress=context.report_progress)  # fmt: skip
+
+
+class AccountSync(BaseModel):
+    """A payload with credentials in it: they must never reach the history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account: str
+    password: str
+    api_key: str
+    phone: str | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+@job("demo.sync_account", queue="default", schema=AccountSync, sensitive=("phone",))
+def sync_account(payload: AccountSync) -> dict[str, object]:
+    """Stands in for a call to a partner API that takes credentials and returns a token."""
+    return {"account": payload.account, "session_token": f"tok-{payload.account}-issued"}
+
+
+class Tally(BaseModel):
+    """A workflow step: adds ``add`` to what the steps before it gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    add: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    #: the previous step's result (in a chord's callback, the list of the group's results)
+    previous: int | list[int] | None = None
+
+
+@job("demo.tally", queue="default", schema=Tally, parent_result="previous")
+def tally(payload: Tally) -> int:
+    """Sums the previous result(s) and ``add``: a chain or a fan-in of these is checkable."""
+    previous = payload.previous
+    total = sum(previous) if isinstance(previous, list) else (previous or 0)
+    return total + payload.add
+
+
+@job("demo.noop", queue="default")
+def noop() -> None:
+    """Does nothing: what the benchmarks measure is the platform around a job."""
 
 
 @job("demo.work", queue="default", schema=Simulation, retry=RETRY, bind=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +24,18 @@ def _run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Com
     )
 
 
-def _celery_workers() -> set[int]:
+def _celery_workers(data_dir: Path) -> set[int]:
+    """Celery processes started with ``data_dir`` (or a folder in it) as their data folder."""
     found = set()
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"celery" in (proc / "cmdline").read_bytes():
-                found.add(int(proc.name))
+            if not proc.name.isdigit() or b"celery" not in (proc / "cmdline").read_bytes():
+                continue
+            environment = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
+        if any(v.startswith(b"TASKS_DATA_DIR=" + bytes(data_dir)) for v in environment):
+            found.add(int(proc.name))
     return found
 
 
@@ -41,23 +46,25 @@ def test_demo_runs_the_mixed_workload_and_leaves_nothing_behind(
     with make_platform(broker, tmp_path) as platform:  # checks the service, isolates the run
         env = settings_env(platform.settings)
         env.pop("TASKS_QUEUE_PREFIX")  # the demo picks its own prefix and removes it
-        before = _celery_workers()
 
         result = _run(env, "demo", "--scale", "0.25", timeout=240)
 
         assert result.returncode == 0, result.stdout + result.stderr
         assert "every job ended as planned" in result.stdout
         lines = result.stdout.splitlines()
+        submitted = int(re.search(r"submitted (\d+) jobs", result.stdout).group(1))  # type: ignore[union-attr]
         header = next(i for i, line in enumerate(lines) if line.startswith("queue "))
-        assert [lines[header + 2 + n].split()[0] for n in range(6)] == [
+        queues = [lines[header + 2 + n].split() for n in range(6)]
+        assert [row[0] for row in queues] == [
             "ai", "email", "reports", "webhooks", "payments", "default",
         ]  # fmt: skip
-        total = lines[header + 9].split()
-        assert total[0] == "total"
-        submitted, succeeded, _retried, dead, in_dlq = (int(x) for x in total[1:6])
-        assert submitted == succeeded + dead
-        assert dead == in_dlq > 0
-        assert _celery_workers() - before == set()  # no process left behind
+        in_dlq = sum(int(row[-2]) for row in queues)  # the broker's dead-letter queues
+        total = next(line for line in lines if line.startswith("total ")).split()
+        finished, succeeded, failed, dead = int(total[1]), *(int(x) for x in total[3:6])
+        assert finished == submitted == succeeded + dead  # the history's figures
+        assert dead == failed == in_dlq > 0
+        assert "health: " in result.stdout
+        assert _celery_workers(platform.settings.data_dir) == set()  # no process left behind
         if broker == "embedded":
             assert not list((tmp_path / "data").glob("demo-*"))  # its folder is removed
 

@@ -78,5 +78,5 @@ def test_dead_letter_of_a_bad_message_can_be_purged(platform: Platform) -> None:
              headers=_headers("no.such.job", "unknown-2"))  # fmt: skip
     _letters_by_id(platform, 1)
 
-    assert platform.dead_letters().purge(task_id="unknown-2") == 1
+    assert platform.dead_letters().purge(task_id="unknown-2", actor="test") == 1
     assert platform.dead_letters().list() == []

@@ -14,7 +14,7 @@ def _dead(platform: Platform, count: int = 1, timeout: float = 60) -> list:
     )  # fmt: skip
 
 
-def test_transient_failure_is_retried_with_growing_delays_then_succeeds(platform: Platform) -> None:
+def test_transient_failure_is_retried_after_its_backoff_then_succeeds(platform: Platform) -> None:
     runs = platform.runs()
     platform.worker()
     platform.task(JOB).delay(label="flaky", fail_times=2, record_to=str(runs.path))
@@ -24,10 +24,12 @@ def test_transient_failure_is_retried_with_growing_delays_then_succeeds(platform
     assert [int(s[1]) for s in starts] == [1, 2, 3]
     times = [float(s[4]) for s in starts]
     first_delay, second_delay = times[1] - times[0], times[2] - times[1]
-    # demo policy: base 0.5 s with equal jitter -> first in [0.25, 0.5], second in [0.5, 1.0]
+    # demo policy: base 0.5 s with equal jitter -> first in [0.25, 0.5], second in [0.5, 1.0].
+    # What is seen is that delay plus the time the broker takes to hand the job out again
+    # (up to a second on the embedded broker of a busy machine), so only the lower bounds are
+    # exact here; the growth itself is RetryPolicy.backoff's, unit-tested in test_retry.py.
     assert first_delay >= 0.25
     assert second_delay >= 0.5
-    assert second_delay > first_delay
     assert platform.dead_letters().counts()["default"] == 0
 
 
@@ -93,7 +95,7 @@ def test_replay_runs_a_dead_job_again_with_attempts_reset(platform: Platform) ->
     )
     _dead(platform)
 
-    replayed = platform.dead_letters().replay(task_id=result.id)
+    replayed = platform.dead_letters().replay(task_id=result.id, actor="test")
 
     assert replayed == [result.id]
     wait_for(lambda: len(runs.starts()) == 2, 60, what="the replayed job to run")
@@ -108,7 +110,7 @@ def test_purge_removes_dead_letters_for_good(platform: Platform) -> None:
     doomed = [task.delay(label=f"d{i}", fail_permanently=True).id for i in range(3)]
     _dead(platform, count=3)
 
-    assert platform.dead_letters().purge(task_id=doomed[0]) == 1
+    assert platform.dead_letters().purge(task_id=doomed[0], actor="test") == 1
     assert sorted(d.task_id for d in platform.dead_letters().list()) == sorted(doomed[1:])
-    assert platform.dead_letters().purge(queue="default") == 2
+    assert platform.dead_letters().purge(queue="default", actor="test") == 2
     assert platform.dead_letters().list() == []

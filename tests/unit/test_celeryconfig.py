@@ -130,6 +130,22 @@ def test_redis_transport_options_have_visibility_timeout_and_priority_steps(
     assert options["queue_order_strategy"] == "priority"
 
 
+@pytest.mark.parametrize(("visibility", "expire"), [(6.0, 6), (900.0, 300), (3600.0, 300)])
+def test_redis_restore_lock_expires_within_one_visibility_timeout(
+    visibility: float, expire: int, data_dir: Path
+) -> None:
+    # a worker cut off while it holds the lock must not stop the others' sweeps for long
+    settings = Settings(broker_url=REDIS, data_dir=data_dir, visibility_timeout=visibility,
+                        backoff_max=4)  # fmt: skip
+    assert config_for(settings)["broker_transport_options"]["unacked_mutex_expire"] == expire
+
+
+@pytest.mark.parametrize("heartbeat", [0.0, 2.0, 60.0])
+def test_broker_heartbeat_comes_from_the_settings(heartbeat: float, data_dir: Path) -> None:
+    settings = Settings(broker_url=AMQP, data_dir=data_dir, broker_heartbeat=heartbeat)
+    assert config_for(settings)["broker_heartbeat"] == heartbeat
+
+
 def test_amqp_transport_confirms_publishes(data_dir: Path) -> None:
     config = config_for(Settings(broker_url=AMQP, data_dir=data_dir))
     assert config["broker_url"] == AMQP

@@ -14,10 +14,10 @@ from tasks_platform.deadletter import (
     REPLAYS_HEADER,
     DeadReason,
     Death,
-    _bounded,
-    _replay_headers,
     read_letter,
 )
+from tasks_platform.deadletter.letters import bounded
+from tasks_platform.deadletter.publish import replay_headers
 from tasks_platform.jobs.declaration import DELIVERIES_HEADER
 
 DEAD_KEYS = {
@@ -134,14 +134,14 @@ def test_death_headers_bound_a_long_message_and_traceback() -> None:
 )
 def test_bounded_keeps_text_up_to_the_limit(length: int, truncated: bool) -> None:
     text = "x" * length
-    bounded = _bounded(text, 100)
-    assert len(bounded) <= 100
-    assert (bounded != text) is truncated
+    cut = bounded(text, 100)
+    assert len(cut) <= 100
+    assert (cut != text) is truncated
     if truncated:
-        assert bounded.endswith("\n... (truncated)")
+        assert cut.endswith("\n... (truncated)")
 
 
-# -- _replay_headers -------------------------------------------------------------------------
+# -- replay_headers -------------------------------------------------------------------------
 def test_replay_headers_strip_death_marks_and_reset_retries() -> None:
     original = celery_headers(
         eta="2030-01-01T00:00:00+00:00",
@@ -154,7 +154,7 @@ def test_replay_headers_strip_death_marks_and_reset_retries() -> None:
     )
     message = FakeMessage(headers=original)
     snapshot = dict(original)
-    headers = _replay_headers(message)  # type: ignore[arg-type]
+    headers = replay_headers(message)  # type: ignore[arg-type]
     assert not [key for key in headers if key.startswith(HEADER_PREFIX)]
     assert "x-death" not in headers
     assert DELIVERIES_HEADER not in headers
@@ -173,16 +173,16 @@ def test_replay_headers_count_replays(before: object, after: int) -> None:
     headers = celery_headers()
     if before is not None:
         headers[REPLAYS_HEADER] = before
-    assert _replay_headers(FakeMessage(headers=headers))[REPLAYS_HEADER] == after  # type: ignore[arg-type]
+    assert replay_headers(FakeMessage(headers=headers))[REPLAYS_HEADER] == after  # type: ignore[arg-type]
 
 
 def test_replay_headers_do_not_invent_a_retries_header() -> None:
-    headers = _replay_headers(FakeMessage(headers={"id": TASK_ID}))  # type: ignore[arg-type]
+    headers = replay_headers(FakeMessage(headers={"id": TASK_ID}))  # type: ignore[arg-type]
     assert headers == {"id": TASK_ID, REPLAYS_HEADER: 1}
 
 
 def test_replay_headers_of_a_message_without_headers() -> None:
-    assert _replay_headers(FakeMessage(headers=None)) == {REPLAYS_HEADER: 1}  # type: ignore[arg-type]
+    assert replay_headers(FakeMessage(headers=None)) == {REPLAYS_HEADER: 1}  # type: ignore[arg-type]
 
 
 # -- read_letter -----------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_valid_payload_comes_back_json_ready_with_defaults_filled(app: PlatformC
         "fail_permanently": False,
         "crash": False,
         "record_to": None,
+        "progress_steps": 0,
+        "usage": None,
     }
     assert json.loads(json.dumps(kwargs)) == kwargs
 
@@ -139,7 +141,9 @@ def test_schemaless_job_takes_any_json_payload(app: PlatformCelery) -> None:
     assert task.validate_payload([1, "two"], {"three": [3]}) == ((1, "two"), {"three": [3]})
 
 
-@pytest.mark.parametrize("value", [object(), {1, 2}, b"bytes", Path("/tmp")], ids=repr)
+@pytest.mark.parametrize(
+    "value", [object(), {1, 2}, b"bytes", Path("/tmp")], ids=["object", "set", "bytes", "path"]
+)
 def test_non_json_value_is_refused(app: PlatformCelery, value: object) -> None:
     with pytest.raises(InvalidPayload, match=r"payload of unittest\.payload_free is not JSON"):
         task_of(app, "unittest.payload_free").validate_payload((), {"value": value})

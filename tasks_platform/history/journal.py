@@ -1,0 +1,119 @@
+"""The history journal: transitions kept on local disk while the history database is down.
+
+Each process appends JSON lines to ``<host>-<pid>.jsonl`` in the journal folder. A process
+whose database answers again claims its own file and those of processes that no longer run
+(by renaming them), writes them, and deletes them. The folder is bounded: what does not fit is
+dropped, and every drop is logged as an error with its count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from tasks_platform.history.writer import Transition
+
+logger = logging.getLogger(__name__)
+_SUFFIX = ".jsonl"
+
+
+class Journal:
+    def __init__(self, folder: Path, *, max_bytes: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.host = socket.gethostname()
+        self.dropped = 0
+
+    def append(self, transitions: Iterable[Transition]) -> int:
+        """Append what fits; returns how many transitions were kept."""
+        lines = [t.to_json() + "\n" for t in transitions]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        room = self.max_bytes - self.size()
+        kept: list[str] = []
+        for line in lines:
+            room -= len(line.encode("utf-8"))
+            if room < 0:
+                break
+            kept.append(line)
+        if kept:
+            with (self.folder / f"{self.host}_{os.getpid()}_own{_SUFFIX}").open("a") as handle:
+                handle.writelines(kept)
+                handle.flush()
+                os.fsync(handle.fileno())
+        lost = len(lines) - len(kept)
+        if lost:
+            self.dropped += lost
+            logger.error(
+                "HISTORY LOST: the journal in %s is full (%d bytes); dropped %d transition(s), "
+                "%d in all by this process", self.folder, self.max_bytes, lost, self.dropped,
+            )  # fmt: skip
+        return len(kept)
+
+    def size(self) -> int:
+        if not self.folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    def claim(self) -> list[Path]:
+        """Take this process's files and those of processes on this host that stopped.
+
+        A file is named ``<host>_<pid>_<tag>.jsonl`` after the process that holds it (the
+        writer, or the one that claimed it); pid 0 means nobody.
+        """
+        if not self.folder.is_dir():
+            return []
+        claimed = []
+        for path in sorted(self.folder.glob(f"*{_SUFFIX}")):
+            host, pid, tag = _parts(path)
+            if host != self.host or (pid != os.getpid() and _alive(pid)):
+                continue
+            fresh = f"{tag.split('-')[0]}-{uuid.uuid4().hex[:6]}"
+            target = path.with_name(f"{host}_{os.getpid()}_{fresh}{_SUFFIX}")
+            try:
+                path.rename(target)
+            except OSError:
+                continue  # another process claimed it first
+            claimed.append(target)
+        return claimed
+
+    def read(self, path: Path) -> list[Transition]:
+        transitions, bad = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                transitions.append(Transition.from_json(line))
+            except (ValueError, TypeError, KeyError):
+                bad += 1  # a line cut short by a crash
+        if bad:
+            logger.error("history journal %s: %d unreadable line(s) skipped", path.name, bad)
+        return transitions
+
+    def release(self, path: Path) -> None:
+        """Give a claimed file back, to be written later by whoever claims it."""
+        host, _, tag = _parts(path)
+        path.rename(path.with_name(f"{host}_0_{tag}{_SUFFIX}"))
+
+    def done(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+def _parts(path: Path) -> tuple[str, int, str]:
+    stem = path.name[: -len(_SUFFIX)]
+    host_pid, _, tag = stem.rpartition("_")
+    host, _, pid = host_pid.rpartition("_")
+    return host, int(pid) if pid.isdigit() else 0, tag
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

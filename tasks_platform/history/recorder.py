@@ -1,0 +1,432 @@
+"""The recorder: the one place Celery signals are connected, and the per-process history writer.
+
+Signal handlers only append a :class:`Transition` to an in-memory buffer; a background thread
+per process writes the buffer in batches (:func:`apply_transitions`). A database outage never
+fails, blocks or slows a job: the buffer keeps up to ``history_buffer_max`` transitions, older
+ones spill to a journal of JSON lines under ``<data dir>/journal``, and everything is written
+once the database answers again (journals of other, stopped, processes included). Only when the
+journal is full too are transitions dropped, and that is logged loudly with counts.
+
+Producer side: ``after_task_publish`` (queued). Worker side: ``task_prerun`` (started),
+``task_retry`` (retrying), ``task_success`` (succeeded), ``task_failure`` (failed),
+``task_revoked`` (revoked / expired); dead-lettering and replay report through :func:`record`.
+Progress reports (``job_progress``, from ``JobContext.report_progress``) are coalesced: only the
+latest report of each job waits for the next write, however often a job reports.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+from sqlalchemy import Engine
+
+from tasks_platform.history.database import create_history_engine, session_factory
+from tasks_platform.history.journal import Journal
+from tasks_platform.history.models import JobState
+from tasks_platform.history.redaction import bounded, bounded_text, redact
+from tasks_platform.history.writer import Transition, apply_transitions
+from tasks_platform.jobs.declaration import (
+    PRIORITY_HEADER,
+    PUBLISHING_APP,
+    REPLAYS_HEADER,
+    RETRY_OF_HEADER,
+    PlatformTask,
+    job_progress,
+)
+from tasks_platform.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks_platform.application import PlatformCelery
+
+logger = logging.getLogger(__name__)
+_MAX_BACKOFF = 5.0
+
+
+class Recorder:
+    """Buffers transitions and writes them from a background thread; one per process."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self._buffer: deque[Transition] = deque()
+        self._reports: dict[str, Transition] = {}  # job id -> its latest progress report
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._engine = engine
+        self._sessions = session_factory(engine) if engine is not None else None
+        self._thread: threading.Thread | None = None
+        self.journal = Journal(
+            settings.data_dir / "journal", max_bytes=settings.history_journal_max_bytes
+        )
+        self.written = 0
+        self.failures = 0
+
+    # -- the hot path ------------------------------------------------------------------------
+    def record(self, transition: Transition) -> None:
+        with self._lock:
+            self._buffer.append(transition)
+            size = len(self._buffer)
+        if self._thread is None:
+            self._start()
+        if size >= self.settings.history_batch_size:
+            self._wake.set()
+
+    def report(self, transition: Transition) -> None:
+        """Keep ``transition`` (a progress report) until the next write, replacing the job's
+        earlier report: a job reporting in a tight loop costs one row update per flush."""
+        with self._lock:
+            self._reports[transition.job_id] = transition
+        if self._thread is None:
+            self._start()
+
+    # -- the flusher -------------------------------------------------------------------------
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="history-recorder", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        delay = self.settings.history_flush_interval
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self.flush_once():
+                delay = self.settings.history_flush_interval
+                self._catch_up()
+            else:
+                delay = min(delay * 2, _MAX_BACKOFF)
+                self._spill(keep=self.settings.history_buffer_max)
+
+    def flush_once(self) -> bool:
+        """Write everything buffered; False (and nothing lost) if the database did not take it."""
+        while True:
+            with self._lock:
+                batch = list(islice(self._buffer, self.settings.history_batch_size))
+                # reports go with the last batch: after the starts of their attempts
+                last = len(batch) == len(self._buffer)
+                reports = list(self._reports.values()) if last else []
+            if not batch and not reports:
+                return True
+            if not self._write(batch + reports):
+                return False
+            with self._lock:
+                for _ in batch:
+                    self._buffer.popleft()
+                for report in reports:
+                    if self._reports.get(report.job_id) is report:
+                        del self._reports[report.job_id]
+
+    def _write(self, batch: list[Transition]) -> bool:
+        try:
+            sessions = self._session_factory()
+            with sessions.begin() as session:
+                apply_transitions(session, batch)
+        except Exception as exc:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                logger.warning("history database unavailable (%s); %d transition(s) kept",
+                               exc.__class__.__name__, len(self._buffer))  # fmt: skip
+            return False
+        if self.failures:
+            logger.warning("history database is back after %d failed write(s)", self.failures)
+            self.failures = 0
+        self.written += len(batch)
+        return True
+
+    def _session_factory(self) -> Any:
+        if self._sessions is None:
+            if self.settings.effective_database_url.startswith("sqlite"):
+                prepare_embedded_database(self.settings)
+            # a broken connection fails one write, which is retried: no ping per checkout
+            self._engine = create_history_engine(self.settings, pool_pre_ping=False)
+            self._sessions = session_factory(self._engine)
+        return self._sessions
+
+    def _spill(self, *, keep: int) -> None:
+        with self._lock:
+            excess = len(self._buffer) - keep
+            spilled = [self._buffer.popleft() for _ in range(max(excess, 0))]
+        if spilled:
+            self.journal.append(spilled)
+
+    def _catch_up(self) -> None:
+        """Write what this and stopped processes left in the journal."""
+        for path in self.journal.claim():
+            transitions = self.journal.read(path)
+            for start in range(0, len(transitions), self.settings.history_batch_size):
+                if not self._write(transitions[start : start + self.settings.history_batch_size]):
+                    self.journal.release(path)
+                    return
+            self.journal.done(path)
+            logger.info("history caught up %d transition(s) from %s", len(transitions), path.name)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the flusher and write what is left; journal it if the database is down."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if not self.flush_once():
+            with self._lock:
+                self._buffer.extend(self._reports.values())
+                self._reports.clear()
+            self._spill(keep=0)
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer) + len(self._reports)
+
+
+def prepare_embedded_database(settings: Settings) -> None:
+    """Bring the embedded SQLite history to the current schema (one process at a time, and one
+    thread at a time: Alembic's ``op`` and ``context`` are process-wide)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with _migration_lock, (settings.data_dir / "history.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from tasks_platform.history.migrations import upgrade  # noqa: PLC0415 - loads alembic
+
+        upgrade(settings)
+
+
+_migration_lock = threading.Lock()
+
+
+# -- one recorder per process and settings -------------------------------------------------------
+_recorders: dict[Path, Recorder] = {}
+#: the recorder of each settings object seen, so the hot path resolves no path (id -> both)
+_by_settings: dict[int, tuple[Settings, Recorder]] = {}
+_registry_lock = threading.Lock()
+
+
+def recorder_for(settings: Settings) -> Recorder:
+    known = _by_settings.get(id(settings))
+    if known is not None and known[0] is settings:
+        return known[1]
+    key = settings.data_dir.resolve() / settings.effective_database_url
+    with _registry_lock:
+        recorder = _recorders.get(key)
+        if recorder is None:
+            recorder = _recorders[key] = Recorder(settings)
+        _by_settings[id(settings)] = (settings, recorder)
+        return recorder
+
+
+def close_all() -> None:
+    with _registry_lock:
+        recorders = list(_recorders.values())
+        _recorders.clear()
+        _by_settings.clear()
+    for recorder in recorders:
+        recorder.close()
+
+
+def _forget_after_fork() -> None:
+    # a forked pool process starts afresh: its parent writes what it had buffered
+    _recorders.clear()
+    _by_settings.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(close_all)
+
+
+def record(app: PlatformCelery, transition: Transition) -> None:
+    """Record ``transition`` for ``app`` (if its history is enabled)."""
+    if app.settings.history_enabled:
+        recorder_for(app.settings).record(transition)
+
+
+# -- the signals ---------------------------------------------------------------------------------
+_HOST = socket.gethostname()
+
+
+def install(app: PlatformCelery) -> None:
+    """Connect the recorder to Celery's signals for ``app`` (once per app)."""
+    handlers = _Handlers(app)
+    uid = f"tasks-platform-history-{id(app)}"
+    for signal, handler in (
+        (signals.before_task_publish, handlers.publishing),
+        (signals.after_task_publish, handlers.published),
+        (signals.task_prerun, handlers.prerun),
+        (signals.task_retry, handlers.retried),
+        (signals.task_success, handlers.succeeded),
+        (signals.task_failure, handlers.failed),
+        (signals.task_revoked, handlers.revoked),
+        (job_progress, handlers.progressed),
+        (signals.worker_process_shutdown, handlers.shutdown),
+        (signals.worker_shutdown, handlers.shutdown),
+    ):
+        signal.connect(handler, weak=False, dispatch_uid=uid)
+
+
+class _Handlers:
+    """Celery signal receivers that turn what happens to ``app``'s jobs into transitions."""
+
+    def __init__(self, app: PlatformCelery) -> None:
+        self.app = app
+        self.started: dict[str, float] = {}  # job id -> monotonic start, in this process
+        self.publish_times: dict[str, float] = {}  # job id -> when its publish began
+
+    def ours(self, task: Any) -> bool:
+        return getattr(task, "app", None) is self.app and self.app.settings.history_enabled
+
+    def publishing(self, sender: Any = None, headers: Any = None, **_: Any) -> None:
+        if PUBLISHING_APP.get() is not self.app:
+            return  # another app's job, or one published by name (recorded when it starts)
+        if headers and "id" in headers:  # a fast worker may start it before publish() returns
+            self.publish_times[str(headers["id"])] = time.time()
+
+    def published(self, sender: Any = None, headers: Any = None, body: Any = None,
+                  routing_key: str | None = None, **_: Any) -> None:  # fmt: skip
+        app = self.app
+        if not headers or not app.settings.history_enabled or PUBLISHING_APP.get() is not app:
+            return
+        family = app.topology.family_of(routing_key or "")
+        if family is None or int(headers.get("retries") or 0) > 0:
+            self.publish_times.pop(str(headers.get("id")), None)
+            return  # not one of ours, or a retry (recorded as retrying by the worker)
+        args, kwargs = (body[0], body[1]) if isinstance(body, tuple | list) else ((), {})
+        facts = job_facts(app, headers.get("task"), args, kwargs, headers)
+        facts["queue"] = family
+        at = self.publish_times.pop(str(headers["id"]), None) or time.time()
+        record(app, Transition(str(headers["id"]), JobState.QUEUED, 1, at,
+                               replays=_replays(headers), facts=facts))  # fmt: skip
+
+    def prerun(self, sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any = None,
+               **_: Any) -> None:  # fmt: skip
+        if not self.ours(sender):
+            return
+        request = sender.request
+        self.started[task_id] = time.monotonic()
+        facts = job_facts(self.app, sender.name, args, kwargs or {}, request.headers or {})
+        facts.update(parent_id=request.parent_id, root_id=request.root_id, group_id=request.group)
+        routing_key = str((request.delivery_info or {}).get("routing_key"))
+        facts["queue"] = self.app.topology.family_of(routing_key)
+        _emit(self.app, sender, task_id, JobState.STARTED, facts)
+
+    def retried(self, sender: Any = None, request: Any = None, reason: Any = None,
+                **_: Any) -> None:  # fmt: skip
+        if self.ours(sender) and request is not None:
+            facts = error_facts(self.app, reason, None)
+            facts["run_seconds"] = self._runtime(request.id)
+            _emit(self.app, sender, request.id, JobState.RETRYING, facts)
+
+    def succeeded(self, sender: Any = None, result: Any = None, **_: Any) -> None:
+        if self.ours(sender):
+            task_id = sender.request.id
+            limit = self.app.settings.history_result_max_bytes
+            facts = {"result": bounded(redact(result, sender_sensitive(sender)), limit),
+                     "run_seconds": self._runtime(task_id), **token_facts(result)}  # fmt: skip
+            _emit(self.app, sender, task_id, JobState.SUCCEEDED, facts)
+
+    def failed(self, sender: Any = None, task_id: str = "", exception: Any = None,
+               einfo: Any = None, **_: Any) -> None:  # fmt: skip
+        if self.ours(sender):
+            facts = error_facts(self.app, exception, einfo)
+            facts["run_seconds"] = self._runtime(task_id)
+            _emit(self.app, sender, task_id, JobState.FAILED, facts)
+
+    def revoked(self, sender: Any = None, request: Any = None, expired: bool = False,
+                terminated: bool = False, **_: Any) -> None:  # fmt: skip
+        if self.ours(sender) and request is not None:
+            # terminated: stopped while running; otherwise it never ran
+            state = JobState.EXPIRED if expired else JobState.CANCELLED
+            if terminated:
+                state = JobState.REVOKED
+            attempt = int(getattr(request, "retries", 0) or 0) + 1
+            # Celery sends a task Context here, whose custom headers are in ``headers``
+            headers = getattr(request, "request_dict", None) or getattr(request, "headers", None)
+            replays = _replays(headers)
+            record(self.app, Transition(str(request.id), state, attempt, time.time(),
+                                        replays=replays, worker=_HOST))  # fmt: skip
+
+    def progressed(self, sender: Any = None, job_id: str = "", attempt: int = 1,
+                   replays: int = 0, worker: str | None = None, percent: float = 0.0,
+                   note: str | None = None, **_: Any) -> None:  # fmt: skip
+        if self.ours(sender):
+            facts = {"percent": percent, "progress_note": note}
+            transition = Transition(job_id, JobState.STARTED, attempt, time.time(), replays=replays,
+                                    worker=worker, facts=facts, report=True)  # fmt: skip
+            recorder_for(self.app.settings).report(transition)
+
+    def shutdown(self, **_: Any) -> None:
+        close_all()
+
+    def _runtime(self, task_id: str) -> float | None:
+        begin = self.started.pop(task_id, None)
+        return None if begin is None else time.monotonic() - begin
+
+
+def _emit(app: PlatformCelery, task: Any, task_id: str, state: JobState,
+          facts: dict[str, Any]) -> None:  # fmt: skip
+    request = task.request
+    attempt = int(request.retries or 0) + 1
+    record(app, Transition(task_id, state, attempt, time.time(), replays=_replays(request.headers),
+                           worker=request.hostname or _HOST, facts=facts))  # fmt: skip
+
+
+def job_facts(app: PlatformCelery, name: str | None, args: Any, kwargs: Any,
+              headers: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """What identifies a job, with its payload's secrets redacted."""
+    task = app.tasks.get(name) if name else None
+    sensitive = sender_sensitive(task)
+    policy = task.effective_retry_policy() if isinstance(task, PlatformTask) else None
+    return {
+        "name": name,
+        "args": redact(list(args or ()), sensitive),
+        "kwargs": redact(dict(kwargs or {}), sensitive),
+        "priority": headers.get(PRIORITY_HEADER),
+        "tenant": headers.get("tenant"),
+        "idempotency_key": headers.get("idempotency_key"),
+        "retry_of": headers.get(RETRY_OF_HEADER),
+        "parent_id": headers.get("parent_id"),
+        "root_id": headers.get("root_id"),
+        "group_id": headers.get("group"),
+        "max_retries": policy.max_retries if policy else None,
+    }
+
+
+def token_facts(result: Any) -> dict[str, int]:
+    """The LLM tokens a job's result says it used: an OpenAI-style ``usage`` mapping."""
+    usage = result.get("usage") if isinstance(result, dict) else None
+    if not isinstance(usage, dict):
+        return {}
+    facts = {}
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+            facts[key] = value
+    return facts
+
+
+def error_facts(app: PlatformCelery, exc: Any, einfo: Any) -> dict[str, Any]:
+    exc = getattr(exc, "exc", exc)  # a Retry carries the failure that caused it
+    limit = app.settings.history_result_max_bytes * 2
+    return {
+        "error_type": type(exc).__name__ if exc is not None else None,
+        "error_message": bounded_text(str(exc) if exc is not None else None, limit),
+        "error_traceback": bounded_text(str(einfo.traceback) if einfo else None, limit),
+    }
+
+
+def sender_sensitive(task: Any) -> tuple[str, ...]:
+    return tuple(getattr(task, "sensitive", ()) or ())
+
+
+def _replays(headers: Any) -> int:
+    return int((headers or {}).get(REPLAYS_HEADER) or 0)

@@ -1,0 +1,307 @@
+"""Writing transitions into the history: one batch, one transaction, forward-only.
+
+A batch is applied in a few statements: a locked read of the rows the batch's jobs already
+have (ordered by id, so two writers never deadlock), one insert of the merged rows of jobs not
+seen yet, one update of the others, and one insert of the events (on PostgreSQL each of them
+takes its rows as one array per column). Identity facts (name, queue, args ...) are filled
+by whichever transition knows them first; the state and what comes with it (times, result,
+error) only move forward, by :func:`~tasks_platform.history.models.progress`. Applying the
+same transitions twice changes nothing: events are keyed by their own id.
+
+Progress reports (``Transition.report``) set only ``percent`` and ``progress_note``: the latest
+report of the row's current attempt wins, reports of an earlier attempt are ignored, and a row
+entering a new attempt forgets the last one's. They leave no event (a job may report often).
+Each attempt's run time is added to ``run_seconds_total`` once: for the transitions whose event
+row this batch inserted, so a batch written again adds nothing, whatever the order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Table, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from tasks_platform.history.models import TERMINAL_STATES, Job, JobEvent, JobState, progress
+
+#: facts that identify a job: the first transition that knows one sets it
+IDENTITY = ("name", "queue", "priority", "tenant", "max_retries", "args", "kwargs",
+            "parent_id", "root_id", "group_id", "idempotency_key", "retry_of")  # fmt: skip
+#: facts that describe an outcome: the latest state's transition sets them
+OUTCOME = ("result", "error_type", "error_message", "error_traceback", "dead_reason",
+           "run_seconds", "prompt_tokens", "completion_tokens")  # fmt: skip
+#: the facts a progress report sets
+REPORTED = ("percent", "progress_note")
+
+
+#: Core tables: the ORM's bulk paths fell back to a statement per row
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+_COLUMNS = [column.name for column in _JOBS.columns if column.name != "id"]
+_UPDATE_ROW = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in _COLUMNS})
+)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Something that happened to a job, as recorded by one process."""
+
+    job_id: str
+    state: JobState
+    attempt: int
+    at: float  #: unix time
+    replays: int = 0
+    worker: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] | None = None
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: a progress report of the attempt (``percent``, ``progress_note``), not a state change
+    report: bool = False
+
+    @property
+    def progress(self) -> int:
+        return progress(self.state, attempt=self.attempt, replays=self.replays)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"job_id": self.job_id, "state": self.state.value, "attempt": self.attempt,
+             "at": self.at, "replays": self.replays, "worker": self.worker,
+             "facts": dict(self.facts), "detail": self.detail, "event_id": self.event_id,
+             "report": self.report},
+            default=str, separators=(",", ":"),
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, line: str) -> Transition:
+        data = json.loads(line)
+        data["state"] = JobState(data["state"])
+        return cls(**data)
+
+
+def apply_transitions(session: Session, transitions: Iterable[Transition]) -> None:
+    """Write ``transitions`` (any jobs, any order) in the caller's transaction."""
+    by_job: dict[str, list[Transition]] = {}
+    for transition in transitions:
+        by_job.setdefault(transition.job_id, []).append(transition)
+    if not by_job:
+        return
+    now = datetime.now(UTC)
+    dialect = session.get_bind().dialect.name
+    ids = sorted(by_job)  # rows are always locked in id order, so two writers never deadlock
+    if dialect == "sqlite":
+        # the driver opens a transaction only at the first write, and SQLite has no row locks:
+        # take the database's write lock before reading, so that no other process commits
+        # between this read and this write (which would then undo what that process wrote)
+        session.execute(text(f"UPDATE {_JOBS.name} SET id = id WHERE 0"))  # noqa: S608
+    known = _locked_rows(session, dialect, ids)
+    unseen = [job_id for job_id in ids if job_id not in known]
+    if unseen:  # new jobs: their merged rows go in as they are, in one statement
+        fresh = [_merge(_blank(job_id), by_job[job_id], now) for job_id in unseen]
+        inserted = _insert(session, dialect, _JOBS, fresh, returning=True)
+        raced = [job_id for job_id in unseen if job_id not in inserted]
+        if raced:  # another writer inserted them meanwhile: merge into its rows instead
+            known.update(_locked_rows(session, dialect, raced))
+    if known:
+        merged = [_merge(known[job_id], by_job[job_id], now) for job_id in sorted(known)]
+        _update(session, dialect, merged)
+    events = [t for t in by_job_order(by_job) if not t.report]
+    if not events:
+        return
+    timed = any(t.facts.get("run_seconds") is not None for t in events)
+    inserted = _insert(session, dialect, _EVENTS, [_event_row(t) for t in events], returning=timed)
+    if timed:  # each attempt's run time counts once: only with its event's first write
+        _add_run_seconds(session, dialect, [t for t in events if t.event_id in inserted])
+
+
+def _add_run_seconds(session: Session, dialect: str, transitions: list[Transition]) -> None:
+    totals: dict[str, float] = {}
+    for t in transitions:
+        seconds = t.facts.get("run_seconds")
+        if isinstance(seconds, int | float) and seconds >= 0:
+            totals[t.job_id] = totals.get(t.job_id, 0.0) + float(seconds)
+    if not totals:
+        return
+    ids = sorted(totals)
+    if dialect == "postgresql":
+        sql = (f"UPDATE {_JOBS.name} SET run_seconds_total = "  # noqa: S608
+               f"COALESCE({_JOBS.name}.run_seconds_total, 0) + v.seconds "
+               "FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:seconds AS FLOAT[])) AS v(id, seconds) "
+               f"WHERE {_JOBS.name}.id = v.id")  # fmt: skip
+        session.execute(text(sql), {"ids": ids, "seconds": [totals[i] for i in ids]})
+        return
+    total = _JOBS.c.run_seconds_total
+    statement = (
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("row_id"))
+        .values(run_seconds_total=func.coalesce(total, 0.0) + bindparam("seconds"))
+    )
+    session.execute(statement, [{"row_id": i, "seconds": totals[i]} for i in ids])
+
+
+def _insert(
+    session: Session, dialect: str, table: Table, rows: list[dict[str, Any]], *,
+    returning: bool = False,
+) -> set[str]:  # fmt: skip
+    """Insert ``rows``, skipping ids already there; the ids inserted if ``returning``."""
+    if dialect == "postgresql":  # a parameter per column, whatever the number of rows
+        names = ", ".join(column.name for column in table.columns)
+        rowset, parameters = _unnest(session, table, rows)
+        # names from the table's metadata; every value is a bound parameter
+        sql = (f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {rowset} "  # noqa: S608
+               f"ON CONFLICT (id) DO NOTHING{' RETURNING id' if returning else ''}")  # fmt: skip
+        result = session.execute(text(sql), parameters)
+        return set(result.scalars()) if returning else set()
+    statement = _insert_ignoring_duplicates(dialect, table).returning(table.c.id)
+    return set(session.scalars(statement, rows))  # RETURNING: rows are sent in batches
+
+
+def _update(session: Session, dialect: str, rows: list[dict[str, Any]]) -> None:
+    if dialect == "postgresql":
+        rowset, parameters = _unnest(session, _JOBS, rows)
+        assignments = ", ".join(f"{name} = v.{name}" for name in _COLUMNS)
+        where = f"{_JOBS.name}.id = v.id"
+        sql = f"UPDATE {_JOBS.name} SET {assignments} FROM {rowset} WHERE {where}"  # noqa: S608
+        session.execute(text(sql), parameters)
+        return
+    session.execute(_UPDATE_ROW, [_update_parameters(row) for row in rows])
+
+
+def _unnest(
+    session: Session, table: Table, rows: list[dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """``unnest(...) AS v(columns)`` of ``rows``: one array parameter per column (PostgreSQL).
+
+    Thousands of scalar parameters cost more to convert client-side than the server takes to
+    write the rows; a dozen arrays cost next to nothing.
+    """
+    dialect = session.get_bind().dialect
+    arrays, parameters = [], {}
+    for column in table.columns:
+        values = [row.get(column.name) for row in rows]
+        if isinstance(column.type, JSON):
+            values = [None if value is None else json.dumps(value) for value in values]
+        parameters[f"c_{column.name}"] = values
+        arrays.append(f"CAST(:c_{column.name} AS {column.type.compile(dialect)}[])")
+    names = ", ".join(column.name for column in table.columns)
+    return f"unnest({', '.join(arrays)}) AS v({names})", parameters
+
+
+def _locked_rows(session: Session, dialect: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    query = select(_JOBS).where(_JOBS.c.id.in_(ids)).order_by(_JOBS.c.id)
+    if dialect == "postgresql":
+        query = query.with_for_update()
+    return {row["id"]: dict(row) for row in session.execute(query).mappings()}
+
+
+def _blank(job_id: str) -> dict[str, Any]:
+    """The row of a job nothing is known of yet (every column, so rows insert together)."""
+    row: dict[str, Any] = dict.fromkeys(_COLUMNS)
+    row.update(id=job_id, state=JobState.QUEUED.value, progress=-1, attempts=0)
+    return row
+
+
+def _update_parameters(row: dict[str, Any]) -> dict[str, Any]:
+    return {"row_id": row["id"], **{f"new_{name}": row[name] for name in _COLUMNS}}
+
+
+def by_job_order(by_job: Mapping[str, list[Transition]]) -> list[Transition]:
+    return [t for job_id in sorted(by_job) for t in by_job[job_id]]
+
+
+def _insert_ignoring_duplicates(dialect: str, table: Table) -> Any:
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
+    return insert(table).prefix_with("IGNORE")
+
+
+def _merge(row: dict[str, Any], transitions: list[Transition], now: datetime) -> dict[str, Any]:
+    for t in transitions:
+        if t.report:
+            _reported(row, t)
+            continue
+        for key in IDENTITY:
+            if row.get(key) is None and t.facts.get(key) is not None:
+                row[key] = t.facts[key]
+        queued_at = t.facts.get("queued_at", t.at if t.state is JobState.QUEUED else None)
+        if queued_at is not None:
+            moment = _time(queued_at)
+            current = _aware(row.get("queued_at"))
+            row["queued_at"] = moment if current is None else min(current, moment)
+        if t.state is JobState.STARTED:
+            _started(row, t)
+        if t.progress > row["progress"]:
+            _advance(row, t)
+    started, queued = _aware(row.get("started_at")), _aware(row.get("queued_at"))
+    if row.get("wait_seconds") is None and started and queued:
+        row["wait_seconds"] = max((started - queued).total_seconds(), 0.0)
+    row["updated_at"] = now
+    return row
+
+
+def _started(row: dict[str, Any], t: Transition) -> None:
+    """The start of the row's latest attempt, even when a later state of that attempt arrived
+    first (the pool process that started a job may flush after the main process recorded it
+    dead). ``progress // 10`` numbers an attempt across replays."""
+    row["attempts"] = max(row.get("attempts") or 0, t.attempt)
+    if t.progress // 10 < row["progress"] // 10:
+        return  # the start of an earlier attempt
+    moment, current = _time(t.at), _aware(row.get("started_at"))
+    if current is None or moment > current:
+        row["started_at"], row["worker"] = moment, t.worker or row.get("worker")
+
+
+def _reported(row: dict[str, Any], t: Transition) -> None:
+    """A progress report: kept if it is of the row's current attempt (the latest one wins)."""
+    if t.progress // 10 != row["progress"] // 10:
+        return  # of an earlier attempt, or of one whose start is not written yet
+    for key in REPORTED:
+        row[key] = t.facts.get(key)
+
+
+def _advance(row: dict[str, Any], t: Transition) -> None:
+    if t.progress // 10 != row["progress"] // 10:  # a new attempt: the last one's report is old
+        row["percent"] = row["progress_note"] = None
+    row["state"], row["progress"] = t.state.value, t.progress
+    if t.state is JobState.QUEUED:  # a replay starts over
+        row["finished_at"] = None
+    if t.state is JobState.SUCCEEDED:  # the errors of earlier attempts are in the events
+        row["error_type"] = row["error_message"] = row["error_traceback"] = None
+    if t.state in TERMINAL_STATES or t.state in (JobState.FAILED, JobState.RETRYING):
+        for key in OUTCOME:
+            if key in t.facts:
+                row[key] = t.facts[key]
+        if t.worker and not row.get("worker"):
+            row["worker"] = t.worker
+    if t.state in TERMINAL_STATES or t.state is JobState.FAILED:
+        row["finished_at"] = _time(t.at)
+
+
+def _event_row(t: Transition) -> dict[str, Any]:
+    return {"id": t.event_id, "job_id": t.job_id, "state": t.state.value, "attempt": t.attempt,
+            "at": _time(t.at), "worker": t.worker,
+            "detail": dict(t.detail) if t.detail else None}  # fmt: skip
+
+
+def _time(value: float | str | datetime) -> datetime:
+    if isinstance(value, datetime):
+        return _aware(value) or value
+    if isinstance(value, str):
+        return _aware(datetime.fromisoformat(value)) or datetime.now(UTC)
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)  # SQLite gives back naive UTC

@@ -1,0 +1,203 @@
+"""Idempotency keys for any job, on real brokers, with the history on SQLite and PostgreSQL.
+
+A key is claimed through the job's history row, inserted before the message is published:
+these tests count the messages the broker holds (before any worker runs) and the runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from celery.exceptions import QueueNotFound
+from conftest import Platform, make_platform, postgres_schema, wait_for
+from sqlalchemy.orm import Session
+
+import tasks_platform
+from tasks_platform import intake
+from tasks_platform.errors import ConfigurationError, IdempotencyConflict, InvalidPayload
+from tasks_platform.history.database import create_history_engine
+from tasks_platform.history.models import Base, Job
+from tasks_platform.intake import idempotent_id
+from tasks_platform.process import settings_env
+from tasks_platform.stats.broker import queue_depths
+
+
+@contextmanager
+def keyed_platform(broker: str, history: str, tmp_path: Path) -> Iterator[Platform]:
+    """A platform whose history is SQLite (the embedded default) or a fresh PostgreSQL schema."""
+    if history == "sqlite":
+        with make_platform(broker, tmp_path) as platform, _history_of(platform):
+            yield platform
+        return
+    with postgres_schema() as url, make_platform(broker, tmp_path, database_url=url) as platform:
+        engine = create_history_engine(platform.settings)
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        with _history_of(platform):
+            yield platform
+
+
+@contextmanager
+def _history_of(platform: Platform) -> Iterator[None]:
+    platform.history = create_history_engine(platform.settings)
+    try:
+        yield
+    finally:
+        intake.close_all()  # this process's connections to this history, for the keys
+        platform.history.dispose()
+
+
+def waiting(platform: Platform, family: str = "default") -> int:
+    """Messages the broker holds in ``family``'s work queue."""
+    with platform.app.connection_for_read() as connection:
+        depths = queue_depths(connection, platform.app.topology)
+    return sum(d.messages for d in depths if d.queue == family)
+
+
+def rows(platform: Platform, *job_ids: str) -> dict[str, Job]:
+    with Session(platform.history) as session:
+        found = session.scalars(sqlalchemy.select(Job).where(Job.id.in_(job_ids))).all()
+        return {job.id: job for job in found}
+
+
+def state_of(platform: Platform, job_id: str, state: str) -> Job:
+    def reached() -> Job | None:
+        job = rows(platform, job_id).get(job_id)
+        return job if job is not None and job.state == state else None
+
+    return wait_for(reached, 60, what=f"job {job_id} to be {state}")  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
+                                                                              "rabbitmq-postgres"]
+)  # fmt: skip
+def test_a_key_queues_one_job_per_tenant_and_a_failed_publish_frees_it(
+    broker: str, history: str, tmp_path: Path
+) -> None:
+    with keyed_platform(broker, history, tmp_path) as platform:
+        work, runs = platform.task("demo.work"), platform.runs()
+        payload = {"label": "once", "record_to": str(runs.path)}
+
+        first = work.apply_async(kwargs=payload, idempotency_key="order-1")
+        again = work.apply_async(kwargs=payload, idempotency_key="order-1")
+        by_name = tasks_platform.submit("demo.work", payload, idempotency_key="order-1",
+                                        app=platform.app)  # fmt: skip
+        assert first.id == again.id == by_name == idempotent_id(None, "order-1")
+        assert waiting(platform) == 1  # one message for three submissions
+
+        # the same key in another tenant is another job
+        theirs = work.apply_async(kwargs={**payload, "label": "theirs"}, tenant="globex",
+                                  idempotency_key="order-1")  # fmt: skip
+        assert theirs.id != first.id
+        assert waiting(platform) == 2
+
+        # the same key for another job type is refused, and queues nothing
+        with pytest.raises(IdempotencyConflict, match=r"used for a demo\.work job") as refused:
+            platform.task("demo.tally").apply_async(kwargs={"add": 1}, idempotency_key="order-1")
+        assert refused.value.code == "idempotency_conflict"
+        assert waiting(platform) == 2
+
+        # a publish that fails leaves no row behind: the key can be used again
+        with pytest.raises(QueueNotFound, match="nowhere"):
+            work.apply_async(kwargs={**payload, "label": "late"}, idempotency_key="order-2",
+                             queue="nowhere")  # fmt: skip
+        assert rows(platform, idempotent_id(None, "order-2")) == {}
+        assert waiting(platform) == 2
+        with pytest.raises(InvalidPayload, match="idempotency key is 1-255 characters"):
+            work.apply_async(kwargs=payload, idempotency_key="")
+        late = work.apply_async(kwargs={**payload, "label": "late"}, idempotency_key="order-2")
+        assert late.id == idempotent_id(None, "order-2")
+
+        platform.worker(pool="threads")
+        for job_id in (first.id, theirs.id, late.id):
+            state_of(platform, job_id, "succeeded")
+        assert [len(runs.starts(label)) for label in ("once", "theirs", "late")] == [1, 1, 1]
+        recorded = rows(platform, first.id, theirs.id)
+        assert (recorded[first.id].idempotency_key, recorded[first.id].tenant) == ("order-1", None)
+        assert (recorded[theirs.id].idempotency_key, recorded[theirs.id].tenant) == (
+            "order-1",
+            "globex",
+        )
+        # a key names its job as long as the job's row is kept: still the first job
+        assert work.apply_async(kwargs=payload, idempotency_key="order-1").id == first.id
+        assert waiting(platform) == 0
+
+
+_SUBMITTER = """
+import sys, threading, time
+import tasks_platform
+start_at, key = float(sys.argv[1]), sys.argv[2]
+ids, errors = [], []
+def go():
+    time.sleep(max(start_at - time.time(), 0))
+    try:
+        ids.append(tasks_platform.submit("demo.work", {"label": "race"}, idempotency_key=key,
+                                         tenant="acme"))
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=go) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(" ".join(ids)); print("\\n".join(errors), file=sys.stderr)
+"""
+
+
+def test_concurrent_submissions_of_one_key_from_threads_and_processes_give_one_job(
+    tmp_path: Path,
+) -> None:
+    with keyed_platform("redis", "postgres", tmp_path) as platform:
+        start_at = time.time() + 4  # after the child processes imported the platform
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKS_")}
+        env |= settings_env(platform.settings)
+        children = [
+            subprocess.Popen([sys.executable, "-c", _SUBMITTER, str(start_at), "race-1"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]  # fmt: skip
+        ids: list[str] = []
+        errors: list[BaseException] = []
+
+        def submit() -> None:
+            time.sleep(max(start_at - time.time(), 0))
+            try:
+                task = platform.task("demo.work")
+                ids.append(task.apply_async(kwargs={"label": "race"}, tenant="acme",
+                                            idempotency_key="race-1").id)  # fmt: skip
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=submit) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        outputs = [child.communicate(timeout=60) for child in children]
+
+        assert errors == []
+        for child, (out, err) in zip(children, outputs, strict=True):
+            assert child.returncode == 0, err
+            assert err.strip() == "", err
+            ids += out.split()
+        assert len(ids) == 16
+        assert set(ids) == {idempotent_id("acme", "race-1")}
+        assert waiting(platform) == 1
+        with Session(platform.history) as session:
+            count = session.scalar(sqlalchemy.select(sqlalchemy.func.count()).select_from(Job))
+        assert count == 1
+
+
+def test_an_idempotency_key_without_a_history_is_refused(tmp_path: Path) -> None:
+    with make_platform("embedded", tmp_path, history_enabled=False) as platform:
+        work = platform.task("demo.work")
+        with pytest.raises(ConfigurationError, match="TASKS_HISTORY_ENABLED"):
+            work.apply_async(kwargs={"label": "x"}, idempotency_key="k")

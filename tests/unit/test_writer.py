@@ -1,0 +1,55 @@
+"""The writer merges transitions forward-only, whatever order the processes flush in."""
+
+from __future__ import annotations
+
+from history_db import T0, engine_fixture, row, write  # noqa: F401 - the engine fixture
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from tasks_platform.history.models import JobEvent, JobState
+from tasks_platform.history.repository import as_utc
+from tasks_platform.history.writer import Transition
+
+
+def test_a_start_flushed_after_the_dead_letter_still_fills_started_at(engine: Engine) -> None:
+    write(engine, Transition("j", JobState.QUEUED, 1, T0, facts={"name": "demo.work"}))
+    write(engine, Transition("j", JobState.DEAD, 1, T0 + 3, facts={"dead_reason": "x"}))
+    write(engine, Transition("j", JobState.STARTED, 1, T0 + 1, worker="w1"),
+          Transition("j", JobState.FAILED, 1, T0 + 2))  # fmt: skip
+
+    job = row(engine)
+    assert (job.state, job.attempts, job.worker) == ("dead", 1, "w1")
+    assert job.started_at is not None
+    assert as_utc(job.started_at).timestamp() == T0 + 1
+    assert job.wait_seconds == 1.0
+    with Session(engine) as session:
+        assert session.scalar(select(JobEvent.id).where(JobEvent.state == "started")) is not None
+
+
+def test_a_late_start_of_an_earlier_attempt_changes_nothing(engine: Engine) -> None:
+    write(engine, Transition("j", JobState.STARTED, 2, T0 + 5, worker="w2"),
+          Transition("j", JobState.SUCCEEDED, 2, T0 + 6))  # fmt: skip
+    write(engine, Transition("j", JobState.STARTED, 1, T0 + 1, worker="w1"),
+          Transition("j", JobState.QUEUED, 1, T0))  # fmt: skip
+
+    job = row(engine)
+    assert (job.state, job.attempts, job.worker) == ("succeeded", 2, "w2")
+    assert job.started_at is not None
+    assert as_utc(job.started_at).timestamp() == T0 + 5
+    assert job.queued_at is not None
+    assert as_utc(job.queued_at).timestamp() == T0
+
+
+def test_the_same_transitions_written_twice_change_nothing(engine: Engine) -> None:
+    batch = (
+        Transition("j", JobState.QUEUED, 1, T0, facts={"name": "demo.work"}),
+        Transition("j", JobState.STARTED, 1, T0 + 1, worker="w1"),
+        Transition("j", JobState.SUCCEEDED, 1, T0 + 2, facts={"result": {"ok": True}}),
+    )
+    write(engine, *batch)
+    write(engine, *batch)
+
+    job = row(engine)
+    assert (job.state, job.result, job.name) == ("succeeded", {"ok": True}, "demo.work")
+    with Session(engine) as session:
+        assert len(session.scalars(select(JobEvent)).all()) == 3
