@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.installed-bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck unit integration e2e browser deploy-tools bench clean
+.PHONY: demo test lint typecheck unit integration e2e faults browser deploy-tools bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -36,13 +37,29 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
 
+## faults: the fault-injection suite (private servers crashed mid-run); prints the Reliability table
+faults: $(STAMP)
+	$(BIN)/python tests/faults/report.py --clear
+	$(BIN)/pytest tests/faults; status=$$?; $(BIN)/python tests/faults/report.py; exit $$status
+
 e2e: $(STAMP) browser
 	$(BIN)/pytest tests/e2e
 
-## bench: what recording the history costs, and tenant fairness (needs Redis and PostgreSQL); prints tables, writes JSON
+## bench: what recording the history costs, tenant fairness, the outbox vs delay() (needs Redis,
+## RabbitMQ and PostgreSQL); prints tables, writes JSON
 bench: $(STAMP)
 	$(BIN)/python bench/history_overhead.py --json bench/results/history.json
 	$(BIN)/python bench/fairness.py --workers 1 --concurrency 2 --json bench/results/fairness.json
+	$(BIN)/python bench/outbox_latency.py --json bench/results/outbox.json
+
+## bench-compare: the platform side by side with bare Celery, Dramatiq and RQ (needs Redis,
+## RabbitMQ and PostgreSQL; installs the `bench` extra); prints a table, writes JSON
+bench-compare: $(BENCH_STAMP)
+	$(BIN)/python bench/compare.py --json bench/results/compare.json $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@
 
 ## browser: Debian's chromium and chromium-driver, which the dashboard test drives headless
 browser:

@@ -12,6 +12,10 @@ from tasks_platform.schedules import beat_jobs, state_file
 from tasks_platform.settings import BrokerKind, Settings
 from tasks_platform.topology import REDIS_PRIORITY_STEPS, Priority, Topology
 
+#: how long ``delay()``/``apply_async`` keep trying to publish before BrokerUnavailable
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.2}  # fmt: skip
+
 
 def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
     """Celery settings for these platform settings."""
@@ -20,6 +24,10 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": _transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        # a producer rides over a dropped connection or a broker restart for ~0.6 s (3 retries,
+        # reconnecting), then gets BrokerUnavailable: nothing queued, resubmit (same key)
+        "task_publish_retry": True,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
         # RabbitMQ: a peer that went silent (a cut link) is noticed within about two heartbeats
         "broker_heartbeat": settings.broker_heartbeat,
         # JSON only, everywhere: pickle is never accepted (CVE-2021-23727 and friends)
@@ -48,8 +56,11 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
         "task_soft_time_limit": settings.soft_time_limit,
         "task_time_limit": settings.time_limit,
         # events, so that Flower sees everything
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # (TASKS_TASK_EVENTS=false drops them from the hot path; Flower re-enables them)
+        "worker_send_task_events": settings.task_events,
+        # off by default as in Celery: it doubles the messages of delay(); the history
+        # records queued jobs anyway (TASKS_SENT_EVENTS=true for monitors that want them)
+        "task_send_sent_event": settings.sent_events,
         "task_track_started": True,
         "control_exchange": f"{settings.queue_prefix}celery",
         "event_exchange": f"{settings.queue_prefix}celeryev",
@@ -110,5 +121,9 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             "priority_steps": list(REDIS_PRIORITY_STEPS),
             "queue_order_strategy": "priority",
+            # a broker that accepts the connection and then says nothing (a cut link, a hung
+            # server) fails a publish or a relay round in bounded time instead of hanging it
+            "socket_timeout": settings.broker_socket_timeout,
+            "socket_connect_timeout": settings.broker_socket_timeout,
         }
     return {"confirm_publish": True}

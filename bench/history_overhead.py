@@ -23,14 +23,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
 import sqlalchemy as sa
+from common import postgres_schema, time_drain
 from sqlalchemy.pool import NullPool
 
 from tasks_platform.application import create_app
@@ -45,26 +44,8 @@ from tasks_platform.stats.broker import redis_list_name
 from tasks_platform.topology import REDIS_PRIORITY_STEPS
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
-POSTGRES_URL = os.environ.get(
-    "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 TARGET_COST = 0.10  # recording may cost at most 10% of the throughput
 TARGET_EVENTS = 5_000  # events per second into PostgreSQL, at least
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A database URL whose tables live in a fresh schema, dropped afterwards."""
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_URL, poolclass=NullPool)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{name}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{name}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()
 
 
 def drain(settings: Settings, jobs: int) -> dict[str, float]:
@@ -93,17 +74,9 @@ def drain(settings: Settings, jobs: int) -> dict[str, float]:
         assert waiting() == jobs, f"expected {jobs} queued jobs, found {waiting()}"
         worker = WorkerProcess(settings, concurrency=2, loglevel="WARNING").start()
         try:
-            deadline = time.monotonic() + 600
-            while waiting() == jobs:  # the worker is booting
-                if time.monotonic() > deadline or worker.process.poll() is not None:  # type: ignore[union-attr]
-                    raise RuntimeError("the worker never started consuming")
-                time.sleep(0.002)
-            started = time.perf_counter()
-            while waiting():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the worker did not drain the queue in time")
-                time.sleep(0.002)
-            seconds = time.perf_counter() - started
+            process = worker.process
+            assert process is not None
+            seconds = time_drain(waiting, jobs, alive=lambda: process.poll() is None)
             figures = {"seconds": seconds, "jobs_per_second": jobs / seconds}
             if settings.history_enabled:
                 figures["history_lag_seconds"] = _history_lag(settings, jobs)

@@ -2,13 +2,14 @@
 
 Public surface::
 
-    from tasks_platform import app, submit, job, RetryPolicy, Priority, errors
+    from tasks_platform import app, submit, submit_many, job, RetryPolicy, Priority, errors
 """
 
 from __future__ import annotations
 
 from tasks_platform import errors
 from tasks_platform.application import PlatformCelery, create_app
+from tasks_platform.bulk import submit_many
 from tasks_platform.jobs import JobContext, RetryPolicy, job
 from tasks_platform.submit import submit
 from tasks_platform.topology import Priority
@@ -35,4 +36,5 @@ __all__ = [
     "errors",
     "job",
     "submit",
+    "submit_many",
 ]

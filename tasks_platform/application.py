@@ -9,8 +9,10 @@ from tasks_platform import embedded  # noqa: F401 - registers the embedded:// br
 from tasks_platform.history import recorder
 from tasks_platform.limits.mover import DeferredMover
 from tasks_platform.liveness import WorkerLiveness
+from tasks_platform.outbox.relay import OutboxRelay
 from tasks_platform.settings import Settings, load_settings
 from tasks_platform.topology import Topology
+from tasks_platform.visibility import VisibilityLease
 from tasks_platform.worker import DeclareDeadLetterQueues
 from tasks_platform.worker_control import WorkerControl
 
@@ -38,7 +40,9 @@ def create_app(settings: Settings | None = None, *, set_as_current: bool = True)
     app.steps["consumer"].add(DeclareDeadLetterQueues)
     app.steps["consumer"].add(WorkerControl)  # durable queue pauses and cancellations
     app.steps["consumer"].add(DeferredMover)  # tenant limits: publishes deferred jobs
+    app.steps["consumer"].add(VisibilityLease)  # Redis: held jobs are not handed out again
     app.steps["consumer"].add(WorkerLiveness)  # TASKS_WORKER_LIVENESS_FILE, for probes
+    app.steps["consumer"].add(OutboxRelay)  # publishes jobs committed to the outbox
     if settings.history_enabled:
         recorder.install(app)
     return app

@@ -27,6 +27,8 @@ from tasks_platform.history.database import create_history_engine, session_facto
 from tasks_platform.history.models import JobState
 from tasks_platform.history.repository import MAX_LIMIT, JobRepository, as_utc, row_as_dict
 from tasks_platform.history.workflows import find_workflow
+from tasks_platform.reconcile_command import reconcile_command
+from tasks_platform.relay_command import relay_command
 from tasks_platform.schedule_command import schedules_command
 from tasks_platform.stats import BROKER_ERRORS, Stats, exposition
 from tasks_platform.stats.report import format_snapshot, format_verdict
@@ -481,6 +483,8 @@ def flower(port: int, address: str, url_prefix: str, insecure_dev: bool) -> None
 main.add_command(api_command)
 main.add_command(token)
 main.add_command(schedules_command)
+main.add_command(relay_command)
+main.add_command(reconcile_command)
 
 
 @contextmanager

@@ -9,6 +9,9 @@ Every error the platform raises derives from :class:`PlatformError`::
      ├── UnknownQueue            an operation named a queue the topology does not have
      ├── InvalidPayload          a payload refused at submit time (nothing was queued)
      ├── LimitsUnavailable       the Redis keeping tenant limits did not answer (nothing was queued)
+     ├── BrokerUnavailable       the broker could not be reached: the job was not published
+     │    └── PublishNotConfirmed    the broker did not confirm a publish (a nack, or no answer)
+     ├── HistoryUnavailable      the history database did not answer a submission that needs it
      ├── IdempotencyConflict     an idempotency key already names a job of another type
      ├── DeadLetterNotFound      no dead letter with that task id
      │    └── DeadLetterGroupNotFound   no dead letter has that error fingerprint
@@ -54,6 +57,24 @@ class InvalidPayload(PlatformError):
 class LimitsUnavailable(PlatformError):
     """The Redis that keeps tenant limits did not answer: a limited job is neither queued nor
     run unlimited (nothing was queued; a worker puts the message back)."""
+
+
+class BrokerUnavailable(PlatformError):
+    """Publishing a job failed: the broker could not be reached or refused the connection.
+
+    The job is not queued (``delay()``/``apply_async``); submit it again, or submit it through
+    the outbox (:mod:`tasks_platform.outbox`), which keeps it until the broker is back.
+    """
+
+
+class PublishNotConfirmed(BrokerUnavailable):
+    """The broker did not confirm a publish (RabbitMQ publisher confirms: a nack, or no answer
+    within the confirm timeout): the job may not be queued, so it is reported, never assumed."""
+
+
+class HistoryUnavailable(PlatformError):
+    """A submission that writes the history first (an idempotency key, the admin API) could not
+    reach the history database: nothing was queued; submit it again (with the same key)."""
 
 
 class IdempotencyConflict(PlatformError):

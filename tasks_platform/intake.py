@@ -36,11 +36,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tasks_platform.errors import (
     ConfigurationError,
+    HistoryUnavailable,
     IdempotencyConflict,
     InvalidPayload,
     UnknownJob,
@@ -114,7 +115,8 @@ class Intake:
         """Validate, record and queue a job (once per ``key`` and ``tenant``, if a key is given).
 
         ``options`` are :meth:`PlatformTask.apply_async` options. InvalidPayload refuses a bad
-        payload, tenant or key; IdempotencyConflict a key used for another job type.
+        payload, tenant or key; IdempotencyConflict a key used for another job type;
+        HistoryUnavailable says the database could not be reached (nothing was queued).
         """
         args, kwargs = task.validate_payload(args, kwargs or {})
         options = dict(options or {})
@@ -122,14 +124,21 @@ class Intake:
         headers = dict(options.pop("headers", None) or {})
         job_id = options.pop("task_id", None)
         if key is not None:
-            _check_key(key)
+            check_key(key)
             derived = idempotent_id(tenant, key)
             if job_id is not None and job_id != derived:
                 raise InvalidPayload("give a job an idempotency key or a task id, not both")
             job_id, headers[IDEMPOTENCY_KEY_HEADER] = derived, key
         job_id = str(job_id or uuid.uuid4())
         stub_headers = {**headers, TENANT_HEADER: tenant, PRIORITY_HEADER: _priority(task, options)}
-        earlier = self._claim(lambda: _stub(task, job_id, args, kwargs, stub_headers))
+        try:
+            earlier = self._claim(lambda: _stub(task, job_id, args, kwargs, stub_headers))
+        except (OperationalError, InterfaceError) as exc:  # unreachable, not a bad statement
+            raise HistoryUnavailable(
+                f"could not submit a {task.name} job: the history database is unavailable "
+                f"({type(exc.orig or exc).__name__}); nothing was queued: submit it again"
+                + (" with the same idempotency key" if key is not None else "")
+            ) from exc
         if earlier is not None:
             if earlier.name != task.name:
                 raise IdempotencyConflict(
@@ -208,7 +217,8 @@ def _priority(task: PlatformTask, options: dict[str, Any]) -> str | None:
     return None  # a broker number: the recorder fills the name in from the message
 
 
-def _check_key(key: object) -> None:
+def check_key(key: object) -> None:
+    """InvalidPayload unless ``key`` is a valid idempotency key."""
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
         raise InvalidPayload(
             f"an idempotency key is 1-255 characters without control characters, got {key!r}"

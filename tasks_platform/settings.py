@@ -116,8 +116,35 @@ class Settings(BaseSettings):
         default=60, ge=1, description="Redis: seconds between sweeps for expired unacked jobs."
     )
     prefetch_multiplier: int = Field(default=1, ge=1, description="Jobs reserved per process.")
+    task_events: bool = Field(
+        default=True,
+        description="Worker: send per-job monitoring events (Flower turns them on when it runs).",
+    )
+    sent_events: bool = Field(
+        default=False,
+        description="Producer: send a task-sent event per job (a second message per delay(); "
+        "monitors then see jobs before a worker receives them).",
+    )
+    broker_socket_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Redis: seconds to wait for a connection or a reply; a silent broker fails "
+        "a publish in about four times this (redis retries) rather than hanging.",
+    )
+    event_flush_interval: float = Field(
+        default=0.1,
+        ge=0,
+        le=5,
+        description="Worker: seconds job events wait to be published together; 0 = at once.",
+    )
     max_payload_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest payload accepted at submit (bytes)."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1_048_576,
+        ge=1024,
+        description="Worker: largest job message body taken (bytes); larger = dead-lettered.",
     )
     history_enabled: bool = Field(default=True, description="Record every job in the history.")
     history_batch_size: int = Field(
@@ -131,6 +158,10 @@ class Settings(BaseSettings):
     )
     history_journal_max_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, description="Disk kept for them beyond that."
+    )
+    history_write_ahead: bool = Field(
+        default=True,
+        description="Append each history event to a local file first: a killed worker loses none.",
     )
     history_result_max_bytes: int = Field(
         default=8192, ge=256, description="Largest job result stored in full (bytes)."
@@ -231,6 +262,24 @@ class Settings(BaseSettings):
         default=None, description="payments.charge: provider API key."
     )
     payments_timeout: float = Field(default=30.0, gt=0, description="payments.charge: timeout.")
+    outbox_relay: bool = Field(
+        default=True,
+        description="Worker: also run the outbox relay (publishes jobs accepted in the outbox).",
+    )
+    outbox_poll_interval: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Outbox relay: seconds between polls (PostgreSQL also wakes it by NOTIFY).",
+    )
+    outbox_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="Outbox relay: jobs published per transaction."
+    )
+    outbox_retention: float = Field(
+        default=7 * 86400.0,
+        ge=60,
+        description="Outbox relay: seconds a published row is kept (to recognise duplicates).",
+    )
     limits_url: str | None = Field(
         default=None, description="Redis for tenant limits; unset = the broker if it is Redis."
     )
@@ -249,6 +298,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"TASKS_TIME_LIMIT ({self.time_limit}) must be greater than "
                 f"TASKS_SOFT_TIME_LIMIT ({self.soft_time_limit})"
+            )
+        if self.max_message_bytes < self.max_payload_bytes:
+            raise ValueError(
+                f"TASKS_MAX_MESSAGE_BYTES ({self.max_message_bytes}) must be at least "
+                f"TASKS_MAX_PAYLOAD_BYTES ({self.max_payload_bytes}): a message carries a payload"
             )
         if self.broker_kind is BrokerKind.REDIS and self.backoff_max >= self.visibility_timeout:
             raise ValueError(

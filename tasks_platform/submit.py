@@ -36,6 +36,7 @@ def submit(
     tenant: str | None = None,
     idempotency_key: str | None = None,
     app: Any = None,
+    session: Any = None,
 ) -> str:
     """Queue job ``name`` with ``payload``; returns the job id.
 
@@ -43,7 +44,9 @@ def submit(
     :class:`~tasks_platform.errors.InvalidPayload` and nothing is queued. ``tenant`` names
     whose job it is (history, tenant limits, usage). With an ``idempotency_key``, a job is
     queued once per key and tenant: a repeat returns the first job's id and queues nothing
-    (see :mod:`tasks_platform.intake`).
+    (see :mod:`tasks_platform.intake`). With a SQLAlchemy ``session`` (on the history
+    database), the job goes to the outbox in that session's transaction and runs only if the
+    caller commits it (see :mod:`tasks_platform.outbox`); nothing is committed here.
     """
     task = declared_task(platform_app(app), name)
     options: dict[str, Any] = {}
@@ -55,6 +58,10 @@ def submit(
         options["task_id"] = task_id
     if tenant is not None:
         options["tenant"] = tenant
+    if session is not None:
+        result = task.apply_in(session, kwargs=dict(payload or {}),
+                               idempotency_key=idempotency_key, **options)  # fmt: skip
+        return cast(str, result.id)
     if idempotency_key is not None:
         options["idempotency_key"] = idempotency_key
     result = task.apply_async(kwargs=dict(payload or {}), **options)

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from celery.worker.consumer import Consumer
+from celery.worker.state import task_ready
 from kombu.message import Message
 
 from tasks_platform.deadletter import (
@@ -56,6 +57,17 @@ class PlatformRequest(LimitedRequest):
     """
 
     _failure: Any = None
+
+    def admit_or_defer(self) -> None:
+        """Acknowledge, without running it, a second publish of an outbox job (see
+        :mod:`tasks_platform.outbox.delivery`); then keep to the tenant's limits."""
+        from tasks_platform.outbox.delivery import is_duplicate  # noqa: PLC0415 - imports jobs
+
+        if not self.revoked() and is_duplicate(self):
+            task_ready(self)
+            self.acknowledge()
+            raise TaskRevokedError(self.id)  # how the worker learns it did not go to the pool
+        super().admit_or_defer()
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -191,7 +203,70 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 class PlatformConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, dead-lettering the messages it would drop."""
+    """Celery's consumer, dead-lettering the messages it would drop, and publishing job events
+    in batches.
+
+    Celery buffers job events (``task-received``, ``-started``, ``-succeeded`` ...) but flushes
+    the buffer on the very next turn of the event loop: about one broker round trip per event,
+    the largest single cost of a short job. Here a flush waits ``event_flush_interval`` seconds
+    (or until Celery's buffer holds 24 events), so one publish carries many jobs' events.
+    Monitors see events that much later; nothing else changes (events are monitoring only).
+    """
+
+    _event_flush_pending = False
+
+    def on_send_event_buffered(self) -> None:
+        interval = cast("PlatformCelery", self.app).settings.event_flush_interval
+        if not self.hub or interval <= 0:
+            super().on_send_event_buffered()
+        elif not self._event_flush_pending:
+            self._event_flush_pending = True
+            self.hub.call_later(interval, self._flush_buffered_events)
+
+    def _flush_buffered_events(self) -> None:
+        self._event_flush_pending = False
+        self._flush_events()
+
+    def shutdown(self) -> None:
+        try:  # the events still waiting for their flush go out before the connection closes
+            self._flush_events()
+        except Exception:
+            logger.exception("could not publish the last job events")
+        super().shutdown()
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
+        """Celery's handler, guarded against two poison messages it lets through:
+
+        * a body larger than ``max_message_bytes`` is dead-lettered unread (submit refuses
+          payloads over ``max_payload_bytes``; only a raw publish brings a worker one this
+          large);
+        * a body that is not Celery's ``[args, kwargs, embed]`` makes Celery's request raise
+          in the consumer, which stops the whole worker ("Unrecoverable error"), and the
+          message, redelivered, stops the next one: it is dead-lettered instead.
+        """
+        handler = super().create_task_handler(*args, **kwargs)
+        limit = cast("PlatformCelery", self.app).settings.max_message_bytes
+
+        def on_task_received(message: Message) -> Any:
+            size = len(message.body or b"")
+            if size > limit:
+                text = (f"message body is {size} bytes; the limit is {limit} bytes "
+                        "(TASKS_MAX_MESSAGE_BYTES)")  # fmt: skip
+                return self._dead_letter_message(
+                    message, DeadReason.INVALID_MESSAGE, "MessageTooLarge", text
+                )
+            try:
+                return handler(message)
+            except (ValueError, TypeError) as exc:
+                if message.acknowledged:
+                    raise
+                logger.exception("a malformed message broke the consumer; dead-lettering it")
+                text = f"not a Celery job message: {exc.__class__.__name__}: {exc}"
+                return self._dead_letter_message(
+                    message, DeadReason.INVALID_MESSAGE, "MalformedMessage", text
+                )
+
+        return on_task_received
 
     def on_unknown_message(self, body: Any, message: Message) -> None:
         self._dead_letter_message(

@@ -81,6 +81,8 @@ PLATFORM_ERRORS: tuple[tuple[type[PlatformError], int, str], ...] = (
     (errors.JobFinished, 409, "job_finished"),
     (errors.JobNotRetryable, 409, "job_not_retryable"),
     (errors.LimitsUnavailable, 503, "limits_unavailable"),  # nothing queued: try again
+    (errors.BrokerUnavailable, 503, "broker_unavailable"),  # nothing queued: try again
+    (errors.HistoryUnavailable, 503, "database_unavailable"),  # nothing queued: try again
 )
 
 

@@ -1,9 +1,16 @@
 """The history journal: transitions kept on local disk while the history database is down.
 
-Each process appends JSON lines to ``<host>-<pid>.jsonl`` in the journal folder. A process
+Each process appends JSON lines to ``<host>_<pid>_own.jsonl`` in the journal folder. A process
 whose database answers again claims its own file and those of processes that no longer run
 (by renaming them), writes them, and deletes them. The folder is bounded: what does not fit is
 dropped, and every drop is logged as an error with its count.
+
+With write-ahead on, a process also appends every transition, as it records it, to its
+*ahead* file ``<host>_<pid>_ahead.jsonl`` (a plain write, no fsync: it survives the process,
+not the machine) and empties it whenever everything it recorded is in the database. A process
+killed before its next write (SIGKILL, OOM) leaves that file behind, and another process
+claims and writes it like any journal file: a worker killed right after its jobs finished
+loses none of their history. Ahead files do not count against the journal's size bound.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from tasks_platform.history.writer import Transition
 
 logger = logging.getLogger(__name__)
 _SUFFIX = ".jsonl"
+#: the tag of a process's own write-ahead file (claimed ones get a tag of their own)
+AHEAD = "ahead"
 
 
 class Journal:
@@ -54,9 +63,15 @@ class Journal:
         return len(kept)
 
     def size(self) -> int:
+        """Bytes of spilled transitions (unclaimed write-ahead files aside)."""
         if not self.folder.is_dir():
             return 0
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.folder.iterdir()
+                   if p.is_file() and _parts(p)[2] != AHEAD)  # fmt: skip
+
+    def ahead_path(self) -> Path:
+        """This process's write-ahead file."""
+        return self.folder / f"{self.host}_{os.getpid()}_{AHEAD}{_SUFFIX}"
 
     def claim(self) -> list[Path]:
         """Take this process's files and those of processes on this host that stopped.
@@ -71,6 +86,8 @@ class Journal:
             host, pid, tag = _parts(path)
             if host != self.host or (pid != os.getpid() and _alive(pid)):
                 continue
+            if pid == os.getpid() and tag == AHEAD:
+                continue  # still being written: emptied once its transitions are written
             fresh = f"{tag.split('-')[0]}-{uuid.uuid4().hex[:6]}"
             target = path.with_name(f"{host}_{os.getpid()}_{fresh}{_SUFFIX}")
             try:

@@ -41,10 +41,11 @@ NAMING_CONVENTION = {
 class JobState(StrEnum):
     """Where a job is in its life.
 
-    queued -> started -> (retrying -> started)* -> succeeded | failed -> dead;
+    (pending ->) queued -> started -> (retrying -> started)* -> succeeded | failed -> dead;
     cancelled (never ran), revoked (stopped by an operator), expired (ran out of time to start).
     """
 
+    PENDING = "pending"  #: accepted in the outbox, not yet published (see tasks_platform.outbox)
     QUEUED = "queued"  #: accepted by the broker, waiting for a worker
     STARTED = "started"  #: a worker is running it
     RETRYING = "retrying"  #: failed transiently; will run again after a delay
@@ -64,6 +65,7 @@ TERMINAL_STATES = frozenset(
 UNSUCCESSFUL_STATES = frozenset({JobState.FAILED, JobState.DEAD})
 
 _RANK = {
+    JobState.PENDING: -1,
     JobState.QUEUED: 0,
     JobState.STARTED: 1,
     JobState.RETRYING: 2,
@@ -228,3 +230,28 @@ class StatsSnapshot(Base):
     figures: Mapped[dict[str, Any]] = mapped_column(JSON)
 
     __table_args__ = (Index(None, "at"),)
+
+
+class OutboxMessage(Base):
+    """A job accepted in the caller's transaction, with the message the relay publishes.
+
+    ``published_at`` is None while the job waits for the relay (pending); the row stays after
+    publishing so that a second delivery of the same job can be recognised
+    (``delivered_by``: the publish the first worker took) until the relay prunes it.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  #: the job (task) id
+    name: Mapped[str] = mapped_column(String(200))
+    #: the Celery signature to publish: task, args, kwargs, options (queue, priority, eta ...)
+    message: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: publishes tried (a relay that died before committing leaves a row tried and pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: the publish id of the first delivery a worker ran (duplicates carry another one)
+    delivered_by: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index(None, "published_at", "created_at"),)

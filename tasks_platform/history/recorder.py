@@ -5,7 +5,12 @@ per process writes the buffer in batches (:func:`apply_transitions`). A database
 fails, blocks or slows a job: the buffer keeps up to ``history_buffer_max`` transitions, older
 ones spill to a journal of JSON lines under ``<data dir>/journal``, and everything is written
 once the database answers again (journals of other, stopped, processes included). Only when the
-journal is full too are transitions dropped, and that is logged loudly with counts.
+journal is full too are transitions dropped, and that is logged loudly with counts. With
+``history_write_ahead`` (the default) a worker process also appends each transition to its
+write-ahead file as it records it (before the job is acknowledged), so that a worker killed
+before its next write (SIGKILL, OOM) leaves its transitions for another process to write (see
+:mod:`tasks_platform.history.journal`). Producers do not: what they record (``queued``) is
+also recorded by the worker that runs the job.
 
 Producer side: ``after_task_publish`` (queued). Worker side: ``task_prerun`` (started),
 ``task_retry`` (retrying), ``task_success`` (succeeded), ``task_failure`` (failed),
@@ -26,7 +31,7 @@ import time
 from collections import deque
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from celery import signals
 from sqlalchemy import Engine
@@ -71,12 +76,19 @@ class Recorder:
         )
         self.written = 0
         self.failures = 0
+        #: the write-ahead file, open while it holds transitions not yet written, and its size
+        self._ahead: IO[str] | None = None
+        self._ahead_bytes = 0
 
     # -- the hot path ------------------------------------------------------------------------
     def record(self, transition: Transition) -> None:
+        ahead = _in_worker and self.settings.history_write_ahead
+        line = transition.to_json() + "\n" if ahead else None
         with self._lock:
             self._buffer.append(transition)
             size = len(self._buffer)
+            if line is not None:
+                self._write_ahead(line)
         if self._thread is None:
             self._start()
         if size >= self.settings.history_batch_size:
@@ -89,6 +101,32 @@ class Recorder:
             self._reports[transition.job_id] = transition
         if self._thread is None:
             self._start()
+
+    def _write_ahead(self, line: str) -> None:
+        """Append ``line`` to the write-ahead file (under the lock); a failure only loses the
+        crash safety of this transition, never the transition. Bounded like the journal: in a
+        long database outage the journal keeps what the buffer cannot, and only that."""
+        if self._ahead_bytes > self.settings.history_journal_max_bytes:
+            return
+        self._ahead_bytes += len(line)
+        try:
+            if self._ahead is None:
+                self.journal.folder.mkdir(parents=True, exist_ok=True)
+                self._ahead = self.journal.ahead_path().open("a", encoding="utf-8")
+            self._ahead.write(line)
+            self._ahead.flush()  # in the kernel: survives this process being killed
+        except OSError:
+            logger.exception("history write-ahead file %s failed", self.journal.ahead_path())
+
+    def _forget_ahead(self) -> None:
+        """Everything recorded so far is written (or journaled): empty the write-ahead file.
+        Called with the lock held, so that no transition is appended meanwhile."""
+        self._ahead_bytes = 0
+        if self._ahead is None:
+            return
+        self._ahead.close()
+        self._ahead = None
+        self.journal.ahead_path().unlink(missing_ok=True)
 
     # -- the flusher -------------------------------------------------------------------------
     def _start(self) -> None:
@@ -118,8 +156,9 @@ class Recorder:
                 # reports go with the last batch: after the starts of their attempts
                 last = len(batch) == len(self._buffer)
                 reports = list(self._reports.values()) if last else []
-            if not batch and not reports:
-                return True
+                if not batch and not reports:
+                    self._forget_ahead()
+                    return True
             if not self._write(batch + reports):
                 return False
             with self._lock:
@@ -184,6 +223,8 @@ class Recorder:
                 self._buffer.extend(self._reports.values())
                 self._reports.clear()
             self._spill(keep=0)
+        with self._lock:  # written or journaled: the write-ahead file is not needed any more
+            self._forget_ahead()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -239,6 +280,20 @@ def _forget_after_fork() -> None:
     # a forked pool process starts afresh: its parent writes what it had buffered
     _recorders.clear()
     _by_settings.clear()
+
+
+#: True in a worker's processes (main and pool, which inherit it): they write ahead
+_in_worker = False
+
+
+def _worker_starting(**_: Any) -> None:
+    global _in_worker  # noqa: PLW0603 - a fact about this process, like the registry above
+    _in_worker = True
+
+
+signals.worker_init.connect(
+    _worker_starting, weak=False, dispatch_uid="tasks-platform-history-worker"
+)
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -36,7 +36,13 @@ from celery.utils.saferepr import saferepr
 from pydantic import BaseModel, ValidationError
 
 from tasks_platform.cancellation import cancellation_requested
-from tasks_platform.errors import DeclarationError, InvalidPayload, JobCancelled
+from tasks_platform.errors import (
+    BrokerUnavailable,
+    DeclarationError,
+    InvalidPayload,
+    JobCancelled,
+    PublishNotConfirmed,
+)
 from tasks_platform.history.redaction import redact
 from tasks_platform.jobs.retry import RetryPolicy
 from tasks_platform.settings import Settings
@@ -142,6 +148,8 @@ class PlatformTask(Task):  # type: ignore[misc]
     parent_result: str | None = None
     #: a dead-lettered job of this type also raises an alert (a CRITICAL log line, an event)
     alert_on_dead: bool = False
+    #: apply_async goes through the outbox, in a transaction of its own (tasks_platform.outbox)
+    outbox: bool = False
     body: Callable[..., Any]
 
     # -- producer side -----------------------------------------------------------------------
@@ -156,6 +164,14 @@ class PlatformTask(Task):  # type: ignore[misc]
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
+        direct = options.pop("direct", False)  # True: never through the outbox
+        if self.outbox and not direct and _outbox_eligible(options, producer, link, link_error):
+            # through the outbox, in a transaction of its own; the relay publishes it
+            from tasks_platform.outbox.submit import apply_in_own_transaction  # noqa: PLC0415
+
+            given = {"task_id": task_id, "shadow": shadow}
+            options.update({k: v for k, v in given.items() if v is not None})
+            return apply_in_own_transaction(self, args, kwargs, options)
         key = options.pop("idempotency_key", None)
         if key is not None:  # once per key and tenant: a repeat gives the first job's result
             from tasks_platform.intake import apply_once  # noqa: PLC0415 - it imports this module
@@ -164,7 +180,33 @@ class PlatformTask(Task):  # type: ignore[misc]
                      "link_error": link_error, "shadow": shadow}  # fmt: skip
             options.update({k: v for k, v in given.items() if v is not None})
             return apply_once(self, key, args, kwargs, options)
-        args, kwargs = self.validate_payload(args or (), kwargs or {})
+        args, kwargs, options = self.publish_options(args or (), kwargs or {}, options)
+        if self.app.settings.tenant_limits:  # a rate-limited tenant's jobs enter at its rate
+            from tasks_platform.limits.pacing import pace  # noqa: PLC0415 - it imports this module
+
+            task_id, deferred = pace(self, args, kwargs, options, task_id=task_id, link=link,
+                                     link_error=link_error, shadow=shadow)  # fmt: skip
+            if deferred is not None:
+                return deferred  # waits for its slot in Redis; a worker publishes it then
+        publishing = PUBLISHING_APP.set(self.app)
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except Exception as exc:
+            translated = _publish_error(self.name, exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            PUBLISHING_APP.reset(publishing)
+
+    def publish_options(
+        self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+        """The validated payload and the options it is published with: tenant and priority
+        headers, its family's queue, the broker's priority number, redacted reprs."""
+        args, kwargs = self.validate_payload(args, kwargs)
         tenant = options.pop("tenant", None)
         if tenant is not None:  # whose job this is: history, limits, usage
             check_tenant(tenant)
@@ -180,20 +222,39 @@ class PlatformTask(Task):  # type: ignore[misc]
         # what monitors show (events, inspect, Flower, logs): the payload without its secrets
         options.setdefault("argsrepr", saferepr(redact(list(args), self.sensitive), REPR_MAX))
         options.setdefault("kwargsrepr", saferepr(redact(kwargs, self.sensitive), REPR_MAX))
-        if self.app.settings.tenant_limits:  # a rate-limited tenant's jobs enter at its rate
-            from tasks_platform.limits.pacing import pace  # noqa: PLC0415 - it imports this module
+        return args, kwargs, options
 
-            task_id, deferred = pace(self, args, kwargs, options, task_id=task_id, link=link,
-                                     link_error=link_error, shadow=shadow)  # fmt: skip
-            if deferred is not None:
-                return deferred  # waits for its slot in Redis; a worker publishes it then
-        publishing = PUBLISHING_APP.set(self.app)
-        try:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
-        finally:
-            PUBLISHING_APP.reset(publishing)
+    def apply_in(
+        self,
+        session: Any,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Like ``apply_async``, but the job is written to the outbox in ``session``'s
+        transaction (never committed here): it runs if and only if the caller commits.
+        Returns the job's AsyncResult (the first job's, for a repeated idempotency key)."""
+        from tasks_platform.outbox.store import enqueue  # noqa: PLC0415 - it imports this module
+
+        submitted = enqueue(session, self, args, kwargs, key=idempotency_key, options=options)
+        return submitted.result or self.AsyncResult(submitted.id)
+
+    def delay_in(self, session: Any, *args: Any, **kwargs: Any) -> Any:
+        """``delay()`` through the outbox, in ``session``'s transaction (see :meth:`apply_in`)."""
+        return self.apply_in(session, args, kwargs)
+
+    def delay_many(self, payloads: Any, **options: Any) -> list[str]:
+        """Queue one job per payload with pipelined publishes; the ids, in order.
+
+        Every payload is validated first (nothing is queued if one is invalid). Options:
+        ``priority``, ``tenant``, ``countdown``, ``idempotency_keys``, ``batch_size``; see
+        :mod:`tasks_platform.bulk`.
+        """
+        from tasks_platform.bulk import queue_many  # noqa: PLC0415 - it imports this module
+
+        return queue_many(self, payloads, **options)
 
     def validate_payload(
         self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
@@ -343,12 +404,14 @@ def job(
     sensitive: tuple[str, ...] = (),
     alert_on_dead: bool = False,
     parent_result: str | None = None,
+    outbox: bool = False,
 ) -> Callable[[Callable[..., Any]], PlatformTask]:
     """Declare a job type; see the module docstring. Unknown or bad options fail here.
 
     ``parent_result`` names the payload field that receives the previous step's result when
     the job is a step of a workflow (a chain's next step, a chord's callback); see
-    :mod:`tasks_platform.workflow`.
+    :mod:`tasks_platform.workflow`. ``outbox=True`` sends ``apply_async``/``delay`` of the job
+    through the outbox (:mod:`tasks_platform.outbox`): durable even while the broker is down.
     """
     level = _check_declaration(name, queue, schema, retry, priority, soft_time_limit, time_limit)
     _check_parent_result(name, schema, parent_result)
@@ -379,6 +442,7 @@ def job(
             "sensitive": tuple(sensitive),
             "alert_on_dead": bool(alert_on_dead),
             "parent_result": parent_result,
+            "outbox": bool(outbox),
             "body": staticmethod(body),
         }
         if soft_time_limit is not None:
@@ -441,6 +505,53 @@ def _check_parent_result(name: str, schema: object, parent_result: str | None) -
             f"job {name!r}: parent_result {parent_result!r} must name a field of its schema "
             "(a job without a schema receives the previous result as a positional argument)"
         )
+
+
+def _outbox_eligible(options: dict[str, Any], producer: Any, link: Any, link_error: Any) -> bool:
+    """A first publish with nothing the outbox cannot keep (retries, callbacks, a producer and
+    paced jobs are published directly)."""
+    headers = options.get("headers") or {}
+    return (
+        int(options.get("retries") or headers.get("retries") or 0) == 0
+        and producer is None
+        and link is None
+        and link_error is None
+        and not {"chain", "chord", "group_id", "connection", "publisher"} & options.keys()
+        and "x-tasks-paced" not in headers
+    )
+
+
+def _publish_error(name: str, exc: Exception) -> Exception:
+    """A failed publish as the platform's error (an unconfirmed or impossible publish), else
+    ``exc`` itself."""
+    from kombu.exceptions import OperationalError  # noqa: PLC0415 - only on a failed publish
+
+    kind = type(exc).__name__
+    if _nacked(exc) or isinstance(exc, TimeoutError):
+        kind = "MessageNacked" if _nacked(exc) else kind
+        return PublishNotConfirmed(
+            f"the broker did not confirm the publish of a {name} job ({kind}): it may not be "
+            "queued; submit it again (with an idempotency key) or through the outbox"
+        )
+    if isinstance(exc, OperationalError | ConnectionError):
+        return BrokerUnavailable(
+            f"could not publish a {name} job: the broker is unavailable ({kind}: {exc}); "
+            "nothing was queued"
+        )
+    return exc
+
+
+def _nacked(exc: BaseException) -> bool:
+    """True if the broker nacked the publish: kombu treats a nack as a recoverable connection
+    error (it retries the publish) and raises OperationalError from the last one."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain: OperationalError <- MessageNacked
+        if seen is None:
+            return False
+        if type(seen).__name__ == "MessageNacked":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _summary(exc: ValidationError) -> str:

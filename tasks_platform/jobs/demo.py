@@ -29,13 +29,19 @@ class Simulation(BaseModel):
     usage: dict[str, int] | None = Field(
         default=None, description="Token counts the result reports as its 'usage'."
     )
+    effects_to: str | None = Field(
+        default=None,
+        description="Folder where a successful run applies its effect once per idempotency key.",
+    )
 
 
 def _run(context: JobContext, payload: Simulation) -> dict[str, object]:
     script = Script(**payload.model_dump())
-    # a long simulated call stops soon after an operator cancels it
+    # a long simulated call stops soon after an operator cancels it; the effect is applied once
+    # per idempotency key (else per job id: every delivery of one job has the same id)
     return perform(script, attempt=context.attempt, checkpoint=context.raise_if_cancelled,
-                   progress=context.report_progress)  # fmt: skip
+                   progress=context.report_progress,
+                   effect_key=context.idempotency_key or context.id)  # fmt: skip
 
 
 class AccountSync(BaseModel):

@@ -3,6 +3,9 @@
 Every attempt of one job sends the same ``Idempotency-Key`` (:func:`idempotency_key`), so a
 retry or a redelivery after a crash never charges twice. A payment that cannot be made is
 dead-lettered *and* raises an alert (``alert_on_dead``): it is never silently dropped.
+Submitting one goes through the outbox (``outbox=True``): ``charge.delay(...)`` commits the job
+to the database first and the relay publishes it, so a broker outage never loses a payment;
+``charge.apply_in(session, ...)`` ties it to the caller's own transaction.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def idempotency_key(context: JobContext) -> str:
     time_limit=TIME_LIMIT,
     bind=True,
     alert_on_dead=True,
+    outbox=True,  # committed before apply_async returns: a payment survives a broker outage
 )
 def charge(context: JobContext, payload: Charge) -> dict[str, object]:
     """Charge once per job; 5xx/408/409/429/timeouts retried, other 4xx (declined) are not."""

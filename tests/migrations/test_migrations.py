@@ -38,9 +38,10 @@ HISTORY_TABLES = {
     "audit_log",
     "api_tokens",
     "stats_snapshots",
+    "outbox",
 }
 MIGRATED_TABLES = HISTORY_TABLES | {"alembic_version"}
-HEAD = "0003"
+HEAD = "0004"
 
 
 @contextmanager

@@ -82,8 +82,9 @@ def test_default_priority_is_normal_for_the_broker(
 def test_events_are_on_for_flower(data_dir: Path) -> None:
     config = config_for(Settings(data_dir=data_dir))
     assert config["worker_send_task_events"] is True
-    assert config["task_send_sent_event"] is True
+    assert config["task_send_sent_event"] is False  # a second message per delay(): opt-in
     assert config["task_track_started"] is True
+    assert config_for(Settings(data_dir=data_dir, sent_events=True))["task_send_sent_event"]
 
 
 def test_worker_consumer_is_the_platform_consumer(data_dir: Path) -> None:
@@ -188,3 +189,17 @@ def test_create_app_applies_the_configuration(broker_url: str | None, data_dir: 
     assert app.conf.task_default_queue == "ci7_default"
     assert app.conf.worker_consumer == "tasks_platform.worker:PlatformConsumer"
     assert app.topology.queue_name("ai") == "ci7_ai"
+
+
+def test_job_events_can_be_turned_off(data_dir: Path) -> None:
+    config = config_for(Settings(data_dir=data_dir, task_events=False))
+    assert config["worker_send_task_events"] is False
+
+
+def test_redis_connections_time_out_so_a_silent_broker_never_hangs_a_publish(
+    data_dir: Path,
+) -> None:
+    settings = Settings(broker_url=REDIS, data_dir=data_dir, broker_socket_timeout=2.5)
+    options = config_for(settings)["broker_transport_options"]
+    assert options["socket_timeout"] == 2.5
+    assert options["socket_connect_timeout"] == 2.5

@@ -70,6 +70,7 @@ def test_valid_payload_comes_back_json_ready_with_defaults_filled(app: PlatformC
         "record_to": None,
         "progress_steps": 0,
         "usage": None,
+        "effects_to": None,
     }
     assert json.loads(json.dumps(kwargs)) == kwargs
 

@@ -102,3 +102,17 @@ def test_demo_retry_policy_retries_outages_and_dead_letters_rejections() -> None
     assert policy.decide(SimulatedOutage("x"), 3).verdict is Verdict.EXHAUSTED
     assert policy.decide(SimulatedRejection("x"), 0).verdict is Verdict.PERMANENT
     assert all(policy.decide(SimulatedOutage("x"), n).delay <= 4.0 for n in range(3))
+
+
+def test_an_effect_is_applied_once_per_key_however_often_the_job_runs(tmp_path: Path) -> None:
+    plan = script(label="pay", effects_to=str(tmp_path / "effects"))
+    first = perform(plan, attempt=1, effect_key="order-1")
+    again = perform(plan, attempt=1, effect_key="order-1")  # a redelivery of the same job
+    other = perform(plan, attempt=1, effect_key="order-2")
+    assert (first["effect"], again["effect"], other["effect"]) == ("applied", "repeated", "applied")
+    effects = sorted(p.read_text() for p in (tmp_path / "effects").glob("*.effect"))
+    assert effects == ["order-1", "order-2"]
+    outcomes = [
+        line.split()[1] for line in (tmp_path / "effects" / "effects.log").read_text().splitlines()
+    ]
+    assert outcomes == ["applied", "repeated", "applied"]
