@@ -132,12 +132,6 @@ class Settings(BaseSettings):
         description="Redis: seconds to wait for a connection or a reply; a silent broker fails "
         "a publish in about four times this (redis retries) rather than hanging.",
     )
-    event_flush_interval: float = Field(
-        default=0.1,
-        ge=0,
-        le=5,
-        description="Worker: seconds job events wait to be published together; 0 = at once.",
-    )
     max_payload_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest payload accepted at submit (bytes)."
     )

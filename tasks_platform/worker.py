@@ -203,36 +203,7 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 class PlatformConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, dead-lettering the messages it would drop, and publishing job events
-    in batches.
-
-    Celery buffers job events (``task-received``, ``-started``, ``-succeeded`` ...) but flushes
-    the buffer on the very next turn of the event loop: about one broker round trip per event,
-    the largest single cost of a short job. Here a flush waits ``event_flush_interval`` seconds
-    (or until Celery's buffer holds 24 events), so one publish carries many jobs' events.
-    Monitors see events that much later; nothing else changes (events are monitoring only).
-    """
-
-    _event_flush_pending = False
-
-    def on_send_event_buffered(self) -> None:
-        interval = cast("PlatformCelery", self.app).settings.event_flush_interval
-        if not self.hub or interval <= 0:
-            super().on_send_event_buffered()
-        elif not self._event_flush_pending:
-            self._event_flush_pending = True
-            self.hub.call_later(interval, self._flush_buffered_events)
-
-    def _flush_buffered_events(self) -> None:
-        self._event_flush_pending = False
-        self._flush_events()
-
-    def shutdown(self) -> None:
-        try:  # the events still waiting for their flush go out before the connection closes
-            self._flush_events()
-        except Exception:
-            logger.exception("could not publish the last job events")
-        super().shutdown()
+    """Celery's consumer, dead-lettering the messages it would drop."""
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         """Celery's handler, guarded against two poison messages it lets through:
