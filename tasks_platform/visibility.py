@@ -86,8 +86,11 @@ class VisibilityLease(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             channel = c.task_consumer.channel
             now = time.time()
-            renewed = channel.client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now),
-                                          xx=True, ch=True)  # fmt: skip
+            # a pooled connection of its own: ``channel.client`` is the one waiting in BRPOP,
+            # and a command sent on it would take BRPOP's reply (and stop the worker)
+            with channel.conn_or_acquire() as client:
+                renewed = client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now),
+                                      xx=True, ch=True)  # fmt: skip
         except Exception:  # the next renewal tries again; a broker outage is logged elsewhere
             logger.warning("could not renew the visibility of %d held job(s)", len(tags),
                            exc_info=True)  # fmt: skip
