@@ -88,7 +88,10 @@ def drain(system: System, jobs: int) -> dict[str, float]:
     enqueue_seconds = time.perf_counter() - started
     if isinstance(system, Platform):
         system.flush_history()
-    waiting = system.outstanding()
+    # publishes without confirms (bare Celery on RabbitMQ) may still be on their way
+    deadline = time.monotonic() + 30
+    while (waiting := system.outstanding()) != jobs and time.monotonic() < deadline:
+        time.sleep(0.05)
     if waiting != jobs:
         raise RuntimeError(f"{system.label}: expected {jobs} queued jobs, found {waiting}")
     system.start_workers()
