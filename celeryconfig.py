@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks_platform.redis_transport import TRANSPORT as REDIS_TRANSPORT
 from tasks_platform.schedules import beat_jobs, state_file
 from tasks_platform.settings import BrokerKind, Settings
 from tasks_platform.topology import REDIS_PRIORITY_STEPS, Priority, Topology
@@ -22,6 +23,8 @@ def celery_config(settings: Settings, topology: Topology) -> dict[str, Any]:
     default_queue = topology.queue_name("default")
     config: dict[str, Any] = {
         "broker_url": settings.effective_broker_url,
+        # redis://: kombu's transport without a new client object per command
+        **_broker_transport(settings),
         "broker_transport_options": _transport_options(settings),
         "broker_connection_retry_on_startup": True,
         # a producer rides over a dropped connection or a broker restart for ~0.6 s (3 retries,
@@ -97,6 +100,13 @@ def _beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         }
         for job in beat_jobs(settings)
     }
+
+
+def _broker_transport(settings: Settings) -> dict[str, str]:
+    url = settings.effective_broker_url
+    if settings.broker_kind is BrokerKind.REDIS and url.lower().startswith("redis://"):
+        return {"broker_transport": REDIS_TRANSPORT}
+    return {}
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:

@@ -203,3 +203,19 @@ def test_redis_connections_time_out_so_a_silent_broker_never_hangs_a_publish(
     options = config_for(settings)["broker_transport_options"]
     assert options["socket_timeout"] == 2.5
     assert options["socket_connect_timeout"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("broker_url", "transport"),
+    [
+        (REDIS, "tasks_platform.redis_transport:Transport"),
+        ("rediss://localhost:6380/0", None),  # kombu's own: its TLS checks read the scheme
+        (AMQP, None),
+        (None, None),
+    ],
+)
+def test_redis_brokers_use_the_platform_redis_transport(
+    broker_url: str | None, transport: str | None, data_dir: Path
+) -> None:
+    config = config_for(Settings(broker_url=broker_url, data_dir=data_dir))
+    assert config.get("broker_transport") == transport
