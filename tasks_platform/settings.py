@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         default=True,
         description="Worker: send per-job monitoring events (Flower turns them on when it runs).",
     )
+    event_flush_interval: float = Field(
+        default=0.05,
+        ge=0,
+        le=5,
+        description="Redis worker: at most one publish of buffered job events per this many "
+        "seconds (the events of many jobs in one message); 0 = each as soon as possible.",
+    )
     sent_events: bool = Field(
         default=False,
         description="Producer: send a task-sent event per job (a second message per delay(); "

@@ -33,6 +33,8 @@ from tasks_platform.deadletter import (
     source_queue,
 )
 from tasks_platform.errors import InvalidPayload
+from tasks_platform.event_sender import BUFFER_LIMIT as EVENT_BUFFER_LIMIT
+from tasks_platform.event_sender import EventSender
 from tasks_platform.history.models import JobState
 from tasks_platform.history.recorder import record
 from tasks_platform.history.writer import Transition
@@ -44,6 +46,7 @@ from tasks_platform.jobs.declaration import (
 )
 from tasks_platform.jobs.retry import Verdict
 from tasks_platform.limits.admission import LimitedRequest
+from tasks_platform.settings import BrokerKind
 
 if TYPE_CHECKING:
     from tasks_platform.application import PlatformCelery
@@ -203,7 +206,28 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 class PlatformConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, dead-lettering the messages it would drop."""
+    """Celery's consumer, dead-lettering the messages it would drop; on Redis its job events
+    go out from a thread of their own (:mod:`tasks_platform.event_sender`)."""
+
+    _event_sender: EventSender | None = None
+
+    def on_send_event_buffered(self) -> None:
+        if cast("PlatformCelery", self.app).settings.broker_kind is not BrokerKind.REDIS:
+            return super().on_send_event_buffered()  # type: ignore[no-any-return]
+        if self._event_sender is None:
+            interval = cast("PlatformCelery", self.app).settings.event_flush_interval
+            self._event_sender = EventSender(self._flush_events, interval=interval)
+        dispatcher = self.event_dispatcher
+        if dispatcher is not None and dispatcher.buffer_limit < EVENT_BUFFER_LIMIT:
+            dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
+        self._event_sender.wake()
+        return None
+
+    def shutdown(self) -> None:
+        sender, self._event_sender = self._event_sender, None
+        if sender is not None:  # the last events go out before the connection closes
+            sender.stop()
+        super().shutdown()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         """Celery's handler, guarded against two poison messages it lets through:
