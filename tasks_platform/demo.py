@@ -34,7 +34,8 @@ from tasks_platform.history.models import TERMINAL_STATES, Job
 from tasks_platform.process import WorkerProcess
 from tasks_platform.settings import Settings, load_settings
 from tasks_platform.stats import Stats
-from tasks_platform.stats.report import format_snapshot, format_verdict
+from tasks_platform.stats.history import window_figures
+from tasks_platform.stats.report import format_by_queue, format_snapshot, format_verdict
 from tasks_platform.submit import submit
 from tasks_platform.topology import QUEUES
 
@@ -177,6 +178,9 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
               "from the history and the broker, as `tasks-platform stats` shows them:\n",
               file=out)  # fmt: skip
         print(format_snapshot(snapshot), file=out)
+        with sessions() as session:
+            by_queue = window_figures(session, since=began, until=datetime.now(UTC), by=Job.queue)
+        print(f"\nper queue, from the history:\n{format_by_queue(by_queue)}", file=out)
         print(f"\nhealth: {format_verdict(stats.verdict(snapshot))}\n", file=out)
         planned = _as_planned(out, jobs, ids, states, dict(snapshot.dead_letters))
         return 0 if done and planned else 1

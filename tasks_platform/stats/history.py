@@ -2,6 +2,7 @@
 
 Outcomes are counted from ``job_events`` whose time falls in the window; throughput and run
 times from the jobs that *finished* in it, wait times from the jobs that *started* in it.
+Figures are per job type, or per any other column of ``jobs`` (``by=Job.queue``: per queue).
 Quantiles are computed here, in Python, from the rows of the window: the same on PostgreSQL
 and SQLite, at the cost of reading one float per job of the window.
 """
@@ -22,7 +23,8 @@ from tasks_platform.stats.snapshot import JobFigures, WindowFigures, quantiles
 
 #: the name reported for jobs the history knows no name of
 UNKNOWN_JOB = "unknown"
-_COUNTED = (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.RETRYING)
+_COUNTED = (JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD,
+            JobState.RETRYING)  # fmt: skip
 _UNSUCCESSFUL = (JobState.FAILED, JobState.DEAD)
 
 
@@ -37,17 +39,20 @@ class _Tally:
     runs: list[float] = field(default_factory=list)
 
 
-def window_figures(session: Session, *, since: datetime, until: datetime) -> WindowFigures:
-    """Outcomes, throughput and quantiles per job type over ``[since, until]``."""
+def window_figures(
+    session: Session, *, since: datetime, until: datetime,
+    by: InstrumentedAttribute[str | None] = Job.name,
+) -> WindowFigures:  # fmt: skip
+    """Outcomes, throughput and quantiles per job type (or per ``by``) over ``[since, until]``."""
     since, until = as_utc(since), as_utc(until)
     tallies: defaultdict[str, _Tally] = defaultdict(_Tally)
-    _count_events(session, tallies, since=since, until=until)
-    _count_unsuccessful(session, tallies, since=since, until=until)
-    for name, run in _durations(session, Job.finished_at, Job.run_seconds, since, until):
+    _count_events(session, tallies, by, since=since, until=until)
+    _count_unsuccessful(session, tallies, by, since=since, until=until)
+    for name, run in _durations(session, by, Job.finished_at, Job.run_seconds, since, until):
         tallies[name].finished += 1
         if run is not None:
             tallies[name].runs.append(run)
-    for name, wait in _durations(session, Job.started_at, Job.wait_seconds, since, until):
+    for name, wait in _durations(session, by, Job.started_at, Job.wait_seconds, since, until):
         if wait is not None:
             tallies[name].waits.append(wait)
     minutes = max((until - since).total_seconds() / 60, 1e-9)
@@ -61,17 +66,18 @@ def window_figures(session: Session, *, since: datetime, until: datetime) -> Win
 
 
 def _count_events(
-    session: Session, tallies: defaultdict[str, _Tally], *, since: datetime, until: datetime
-) -> None:
+    session: Session, tallies: defaultdict[str, _Tally], by: InstrumentedAttribute[str | None],
+    *, since: datetime, until: datetime,
+) -> None:  # fmt: skip
     query = (
-        select(Job.name, JobEvent.state, func.count())
+        select(by, JobEvent.state, func.count())
         .join(Job, Job.id == JobEvent.job_id)
         .where(
             JobEvent.at >= since,
             JobEvent.at <= until,
             JobEvent.state.in_([str(s) for s in _COUNTED]),
         )
-        .group_by(Job.name, JobEvent.state)
+        .group_by(by, JobEvent.state)
     )
     for name, state, count in session.execute(query).all():
         events = tallies[name or UNKNOWN_JOB].events
@@ -79,17 +85,18 @@ def _count_events(
 
 
 def _count_unsuccessful(
-    session: Session, tallies: defaultdict[str, _Tally], *, since: datetime, until: datetime
-) -> None:
+    session: Session, tallies: defaultdict[str, _Tally], by: InstrumentedAttribute[str | None],
+    *, since: datetime, until: datetime,
+) -> None:  # fmt: skip
     query = (
-        select(Job.name, func.count(distinct(JobEvent.job_id)))
+        select(by, func.count(distinct(JobEvent.job_id)))
         .join(Job, Job.id == JobEvent.job_id)
         .where(
             JobEvent.at >= since,
             JobEvent.at <= until,
             JobEvent.state.in_([str(s) for s in _UNSUCCESSFUL]),
         )
-        .group_by(Job.name)
+        .group_by(by)
     )
     for name, count in session.execute(query).all():
         tallies[name or UNKNOWN_JOB].unsuccessful += int(count)
@@ -97,13 +104,14 @@ def _count_unsuccessful(
 
 def _durations(
     session: Session,
+    by: InstrumentedAttribute[str | None],
     moment: InstrumentedAttribute[datetime | None],
     seconds: InstrumentedAttribute[float | None],
     since: datetime,
     until: datetime,
 ) -> list[tuple[str, float | None]]:
-    """(job name, duration) of every job whose ``moment`` falls in the window."""
-    query = select(Job.name, seconds).where(moment >= since, moment <= until)
+    """(job name or ``by``, duration) of every job whose ``moment`` falls in the window."""
+    query = select(by, seconds).where(moment >= since, moment <= until)
     return [(name or UNKNOWN_JOB, value) for name, value in session.execute(query).all()]
 
 
@@ -122,6 +130,7 @@ def _merged(tallies: Iterable[_Tally]) -> _Tally:
 def _figures(name: str, tally: _Tally, minutes: float) -> JobFigures:
     return JobFigures(
         job=name,
+        queued=tally.events.get(JobState.QUEUED, 0),
         finished=tally.finished,
         per_minute=tally.finished / minutes,
         succeeded=tally.events.get(JobState.SUCCEEDED, 0),

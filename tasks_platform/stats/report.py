@@ -55,6 +55,18 @@ def format_window(window: WindowFigures) -> str:
     return title + "\n" + format_table(_JOB_HEADER, rows, footer=_job_row(window.total))
 
 
+def format_by_queue(window: WindowFigures) -> str:
+    """One row per queue (``window_figures(..., by=Job.queue)``), with a total row."""
+
+    def row(f: JobFigures) -> tuple[object, ...]:
+        return (f.job, f.queued, f.succeeded, f.retrying, f.dead,
+                _number(f.wait.p50), _number(f.wait.p95), _number(f.run.p95))  # fmt: skip
+
+    header = ("queue", "submitted", "succeeded", "retried", "dead-lettered", "wait p50 s",
+              "wait p95 s", "run p95 s")  # fmt: skip
+    return format_table(header, [row(f) for f in window.jobs], footer=row(window.total))
+
+
 def _job_row(figures: JobFigures) -> tuple[object, ...]:
     return (
         figures.job,

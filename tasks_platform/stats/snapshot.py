@@ -62,13 +62,15 @@ def quantiles(values: Iterable[float]) -> Quantiles:
 class JobFigures:
     """What one job type (or ``total``) did during the window.
 
-    ``succeeded``, ``failed``, ``dead`` and ``retrying`` count transitions recorded in the
-    window; ``unsuccessful`` counts the distinct jobs that failed or died in it (a job that
-    fails and is then dead-lettered counts once); ``finished`` counts the jobs that finished
-    in it, and ``per_minute`` is that over the window's minutes.
+    ``queued``, ``succeeded``, ``failed``, ``dead`` and ``retrying`` count transitions recorded
+    in the window (``queued``: submissions and replays); ``unsuccessful`` counts the distinct
+    jobs that failed or died in it (a job that fails and is then dead-lettered counts once);
+    ``finished`` counts the jobs that finished in it, and ``per_minute`` is that over the
+    window's minutes.
     """
 
     job: str
+    queued: int = 0
     finished: int = 0
     per_minute: float = 0.0
     succeeded: int = 0

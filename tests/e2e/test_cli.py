@@ -63,6 +63,15 @@ def test_demo_runs_the_mixed_workload_and_leaves_nothing_behind(
         finished, succeeded, failed, dead = int(total[1]), *(int(x) for x in total[3:6])
         assert finished == submitted == succeeded + dead  # the history's figures
         assert dead == failed == in_dlq > 0
+        # per queue, from the history: what each queue was given, and how it ended
+        start = lines.index("per queue, from the history:")
+        per_queue = {row[0]: row for row in (lines[start + 3 + n].split() for n in range(6))}
+        assert sorted(per_queue) == sorted(row[0] for row in queues)
+        assert sum(int(row[1]) for row in per_queue.values()) == submitted
+        for row in queues:
+            queue_row = per_queue[row[0]]
+            assert int(queue_row[1]) == int(queue_row[2]) + int(queue_row[4])  # succeeded + dead
+            assert int(queue_row[4]) == int(row[-2])  # dead-lettered = its Q.dead holds
         assert "health: " in result.stdout
         assert _celery_workers(platform.settings.data_dir) == set()  # no process left behind
         if broker == "embedded":

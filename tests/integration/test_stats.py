@@ -27,6 +27,7 @@ from tasks_platform.history.models import Base, Job, JobEvent
 from tasks_platform.settings import Settings
 from tasks_platform.stats import Level, Snapshot, Stats, evaluate, exposition
 from tasks_platform.stats.broker import queue_depths
+from tasks_platform.stats.history import window_figures
 from tasks_platform.topology import QUEUES
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -59,7 +60,8 @@ def _created(engine: Engine) -> sessionmaker[Session]:
 def insert_workload(sessions: sessionmaker[Session]) -> None:
     """100 demo.work jobs in the window (90 succeed, 10 die, 20 retries), 5 reports, old noise.
 
-    Job n of demo.work waited n/10 seconds and ran n seconds (n = 1..100).
+    Job n of demo.work waited n/10 seconds and ran n seconds (n = 1..100). demo.work runs on
+    the default queue, reports.render on reports; every job's first event is ``queued``.
     """
     rows: list[Job | JobEvent] = []
     for n in range(1, 101):
@@ -71,7 +73,7 @@ def insert_workload(sessions: sessionmaker[Session]) -> None:
             at,
             wait=n / 10,
             run=float(n),
-            states=(["retrying"] if n % 5 == 0 else []) + outcome,
+            states=["queued"] + (["retrying"] if n % 5 == 0 else []) + outcome,
         )
     for n in range(5):
         rows += _job(
@@ -80,7 +82,7 @@ def insert_workload(sessions: sessionmaker[Session]) -> None:
             NOW - timedelta(minutes=1),
             wait=0.5,
             run=2.0,
-            states=["succeeded"],
+            states=["queued", "succeeded"],
         )
     for n in range(7):  # before the window: never counted
         rows += _job(
@@ -98,7 +100,7 @@ def _job(
     row = Job(
         id=job_id,
         name=name,
-        queue="default",
+        queue="reports" if name == "reports.render" else "default",
         state=states[-1],
         updated_at=at,
         queued_at=at - timedelta(seconds=wait + run),
@@ -115,6 +117,23 @@ def _job(
 
 
 # -- history figures -------------------------------------------------------------------------
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_window_figures_per_queue_count_submissions_outcomes_and_times(
+    database: str, tmp_path: Path
+) -> None:
+    with history(database, tmp_path) as sessions:
+        insert_workload(sessions)
+        with sessions() as session:
+            window = window_figures(session, since=NOW - WINDOW, until=NOW, by=Job.queue)
+
+    assert [f.job for f in window.jobs] == ["default", "reports"]
+    default, reports = window.jobs
+    assert (default.queued, default.succeeded, default.retrying, default.dead) == (100, 90, 20, 10)
+    assert (default.finished, default.run.p50) == (100, pytest.approx(50.5))
+    assert (reports.queued, reports.succeeded, reports.finished, reports.wait.p50) == (5, 5, 5, 0.5)
+    assert window.total.queued == 105
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_window_figures_of_a_known_workload(database: str, tmp_path: Path) -> None:
     with (
@@ -141,6 +160,7 @@ def test_window_figures_of_a_known_workload(database: str, tmp_path: Path) -> No
     assert work.wait.p50 == pytest.approx(5.05)
     assert (reports.succeeded, reports.finished, reports.run.p50) == (5, 5, 2.0)
     assert window.total.finished == 105
+    assert (work.queued, reports.queued) == (100, 5)
     assert window.total.succeeded == 95
     assert window.total.run.count == 105
 
