@@ -161,7 +161,7 @@ def insert_rate(database_url: str, events: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=5000, help="no-op jobs per drain")
+    parser.add_argument("--jobs", type=int, default=10_000, help="no-op jobs per drain")
     parser.add_argument("--repeat", type=int, default=3, help="drains per mode (median)")
     parser.add_argument("--events-jobs", type=int, default=20_000, help="jobs for the recorder")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
