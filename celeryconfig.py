@@ -103,8 +103,7 @@ def _beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _broker_transport(settings: Settings) -> dict[str, str]:
-    url = settings.effective_broker_url
-    if settings.broker_kind is BrokerKind.REDIS and url.lower().startswith("redis://"):
+    if settings.effective_broker_url.lower().startswith("redis://"):
         return {"broker_transport": REDIS_TRANSPORT}
     return {}
 

@@ -210,17 +210,23 @@ class PlatformConsumer(Consumer):  # type: ignore[misc]
     go out from a thread of their own (:mod:`tasks_platform.event_sender`)."""
 
     _event_sender: EventSender | None = None
+    #: whether job events go out from a thread (Redis), decided at the first event
+    _events_in_thread: bool | None = None
 
-    def on_send_event_buffered(self) -> None:
-        if cast("PlatformCelery", self.app).settings.broker_kind is not BrokerKind.REDIS:
+    def on_send_event_buffered(self) -> None:  # called for every job event: kept cheap
+        if self._events_in_thread is None:
+            settings = cast("PlatformCelery", self.app).settings
+            self._events_in_thread = settings.broker_kind is BrokerKind.REDIS
+            if self._events_in_thread:
+                interval = settings.event_flush_interval
+                self._event_sender = EventSender(self._flush_events, interval=interval)
+        sender = self._event_sender
+        if sender is None:
             return super().on_send_event_buffered()  # type: ignore[no-any-return]
-        if self._event_sender is None:
-            interval = cast("PlatformCelery", self.app).settings.event_flush_interval
-            self._event_sender = EventSender(self._flush_events, interval=interval)
-        dispatcher = self.event_dispatcher
+        dispatcher = self.event_dispatcher  # a new one after each reconnection
         if dispatcher is not None and dispatcher.buffer_limit < EVENT_BUFFER_LIMIT:
             dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
-        self._event_sender.wake()
+        sender.wake()
         return None
 
     def shutdown(self) -> None:
