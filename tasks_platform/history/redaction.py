@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Collection
 from typing import Any
@@ -19,12 +20,18 @@ NOT_SECRET_KEY = re.compile(
     r"(max|prompt|completion|total|input|output|reasoning|cached)_tokens", re.IGNORECASE
 )
 _MAX_DEPTH = 20
+#: values that hold no key, so nothing to redact or bound
+_PLAIN = (str, int, float, bool)
 
 
 def redact(value: Any, sensitive: Collection[str] = (), *, _depth: int = 0) -> Any:
     """A copy of ``value`` with the values of secret-looking or ``sensitive`` keys replaced."""
     if _depth > _MAX_DEPTH:
         return "[too deep]"
+    if value is None or isinstance(value, _PLAIN):  # nothing to hide in it
+        return value
+    if not value:  # an empty payload: the common case
+        return [] if isinstance(value, list | tuple) else {} if isinstance(value, dict) else value
     if isinstance(value, dict):
         lowered = {name.lower() for name in sensitive}
         return {
@@ -44,6 +51,8 @@ def _secret_looking(key: str) -> bool:
 
 def bounded(value: Any, limit: int) -> Any:
     """``value`` if its JSON is at most ``limit`` bytes, else a preview that says so."""
+    if value is None or (isinstance(value, int | float) and math.isfinite(value)):
+        return value  # a few bytes at most, and JSON as it is
     try:
         text = json.dumps(value, default=str, separators=(",", ":"))
     except (TypeError, ValueError):

@@ -304,12 +304,19 @@ class PlatformTask(Task):  # type: ignore[misc]
 
     # -- worker side -------------------------------------------------------------------------
     def effective_retry_policy(self) -> RetryPolicy:
+        """The declared policy, its unset parts taken from the settings (worked out once per
+        policy and settings: it is asked for every job)."""
         settings = self.app.settings
-        return self.retry_policy.with_defaults(
+        known = self.__dict__.get("_effective_policy")
+        if known is not None and known[0] is self.retry_policy and known[1] is settings:
+            return known[2]  # type: ignore[no-any-return]
+        policy = self.retry_policy.with_defaults(
             max_retries=settings.max_retries,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
         )
+        self.__dict__["_effective_policy"] = (self.retry_policy, settings, policy)
+        return policy
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the body once; decide retry or failure from the retry policy."""
