@@ -162,7 +162,8 @@ class Settings(BaseSettings):
     )
     history_write_ahead: bool = Field(
         default=True,
-        description="Append each history event to a local file first: a killed worker loses none.",
+        description="Workers append each history event to a local file, which the worker's "
+        "history writer process writes: a killed worker loses none.",
     )
     history_result_max_bytes: int = Field(
         default=8192, ge=256, description="Largest job result stored in full (bytes)."

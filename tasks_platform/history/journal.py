@@ -11,15 +11,22 @@ not the machine) and empties it whenever everything it recorded is in the databa
 killed before its next write (SIGKILL, OOM) leaves that file behind, and another process
 claims and writes it like any journal file: a worker killed right after its jobs finished
 loses none of their history. Ahead files do not count against the journal's size bound.
+
+In a worker with a history writer process (:mod:`tasks_platform.history.shipper`), each of the
+worker's processes appends instead to *segments* ``<host>_<pid>_ship-<worker pid>-<n>.jsonl``
+that the writer process reads as they grow and deletes once written; nobody else claims them
+while that worker runs. They count against the bound.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks_platform.history.writer import Transition
@@ -28,6 +35,18 @@ logger = logging.getLogger(__name__)
 _SUFFIX = ".jsonl"
 #: the tag of a process's own write-ahead file (claimed ones get a tag of their own)
 AHEAD = "ahead"
+#: the tag of a worker process's segments: ``ship-<worker pid>-<number>``
+_SEGMENT = re.compile(r"ship-(\d+)-(\d+)")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment file: transitions appended by ``pid`` for the writer of worker ``owner``."""
+
+    path: Path
+    pid: int
+    owner: int
+    number: int
 
 
 class Journal:
@@ -73,6 +92,21 @@ class Journal:
         """This process's write-ahead file."""
         return self.folder / f"{self.host}_{os.getpid()}_{AHEAD}{_SUFFIX}"
 
+    def segment_path(self, owner: int, number: int) -> Path:
+        """This process's segment ``number``, for the history writer of worker ``owner``."""
+        return self.folder / f"{self.host}_{os.getpid()}_ship-{owner}-{number}{_SUFFIX}"
+
+    def segments(self, owner: int) -> list[Segment]:
+        """The segments of worker ``owner``'s processes on this host, each process's in order."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.glob(f"{self.host}_*_ship-{owner}-*{_SUFFIX}"):
+            segment = _segment(path)
+            if segment is not None and segment.owner == owner:
+                found.append(segment)
+        return sorted(found, key=lambda s: (s.pid, s.number))
+
     def claim(self) -> list[Path]:
         """Take this process's files and those of processes on this host that stopped.
 
@@ -84,8 +118,11 @@ class Journal:
         claimed = []
         for path in sorted(self.folder.glob(f"*{_SUFFIX}")):
             host, pid, tag = _parts(path)
-            if host != self.host or (pid != os.getpid() and _alive(pid)):
+            if host != self.host or (pid != os.getpid() and alive(pid)):
                 continue
+            segment = _segment(path)
+            if segment is not None and alive(segment.owner):
+                continue  # its worker's writer process writes it
             if pid == os.getpid() and tag == AHEAD:
                 continue  # still being written: emptied once its transitions are written
             fresh = f"{tag.split('-')[0]}-{uuid.uuid4().hex[:6]}"
@@ -124,7 +161,15 @@ def _parts(path: Path) -> tuple[str, int, str]:
     return host, int(pid) if pid.isdigit() else 0, tag
 
 
-def _alive(pid: int) -> bool:
+def _segment(path: Path) -> Segment | None:
+    _, pid, tag = _parts(path)
+    match = _SEGMENT.fullmatch(tag)
+    if match is None:
+        return None
+    return Segment(path, pid, int(match.group(1)), int(match.group(2)))
+
+
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -12,6 +12,13 @@ before its next write (SIGKILL, OOM) leaves its transitions for another process 
 :mod:`tasks_platform.history.journal`). Producers do not: what they record (``queued``) is
 also recorded by the worker that runs the job.
 
+In a worker whose main process started a history writer process (the default, see
+:mod:`tasks_platform.history.shipper`), the worker's processes write nothing into the database:
+each transition is appended to the process's segment file and the job goes on; the writer
+process writes the segments. Progress reports are still coalesced in memory and appended once
+per flush interval. Should a segment fail to take a line (disk error), or the journal folder
+outgrow its bound (the writer far behind), the process falls back to buffering as above.
+
 Producer side: ``after_task_publish`` (queued). Worker side: ``task_prerun`` (started),
 ``task_retry`` (retrying), ``task_success`` (succeeded), ``task_failure`` (failed),
 ``task_revoked`` (revoked / expired); dead-lettering and replay report through :func:`record`.
@@ -22,6 +29,7 @@ latest report of each job waits for the next write, however often a job reports.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import logging
 import os
@@ -53,9 +61,12 @@ from tasks_platform.settings import Settings
 
 if TYPE_CHECKING:
     from tasks_platform.application import PlatformCelery
+    from tasks_platform.history.shipper import WriterProcess
 
 logger = logging.getLogger(__name__)
 _MAX_BACKOFF = 5.0
+#: a process starts a new segment once its current one holds this many bytes
+SEGMENT_BYTES = 4 * 1024 * 1024
 
 
 class Recorder:
@@ -79,9 +90,21 @@ class Recorder:
         #: the write-ahead file, open while it holds transitions not yet written, and its size
         self._ahead: IO[str] | None = None
         self._ahead_bytes = 0
+        #: the worker whose writer process writes this process's segments (None: write here)
+        self._owner = _writer_owner if settings.history_write_ahead else None
+        self._segment: IO[bytes] | None = None
+        self._segment_number = 0
+        self._segment_bytes = 0
 
     # -- the hot path ------------------------------------------------------------------------
     def record(self, transition: Transition) -> None:
+        if self._owner is not None:
+            shipped = (transition.to_json() + "\n").encode("utf-8")
+            with self._lock:
+                # reports waiting go first: a job's last report before the end of its attempt
+                if self._ship([*self._report_lines(), shipped]):
+                    self._reports.clear()
+                    return
         ahead = _in_worker and self.settings.history_write_ahead
         line = transition.to_json() + "\n" if ahead else None
         with self._lock:
@@ -118,6 +141,63 @@ class Recorder:
         except OSError:
             logger.exception("history write-ahead file %s failed", self.journal.ahead_path())
 
+    def _ship(self, lines: list[bytes]) -> bool:
+        """Append ``lines`` to this process's segment (under the lock); False if it could not
+        take them, after which this process buffers and writes its history itself."""
+        owner = self._owner
+        if owner is None:
+            return False
+        try:
+            if self._segment is None or self._segment_bytes >= SEGMENT_BYTES:
+                self._next_segment(owner)
+            if self._segment is None:
+                return False
+            for line in lines:
+                self._segment.write(line)
+                self._segment_bytes += len(line)
+            self._segment.flush()  # in the kernel: the writer process reads it from there
+        except OSError:
+            logger.exception("history segment of worker %d failed: this process writes its "
+                             "history itself from now on", owner)  # fmt: skip
+            self._stop_shipping()
+            return False
+        return True
+
+    def _next_segment(self, owner: int) -> None:
+        """Close the segment (the writer deletes it once written) and open the next one,
+        unless the journal folder is over its bound: then stop shipping."""
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+            waiting = self.journal.size()
+            if waiting > self.journal.max_bytes:
+                logger.error("history writer process of worker %d is behind (%d bytes waiting): "
+                             "this process writes its history itself from now on",
+                             owner, waiting)  # fmt: skip
+                self._stop_shipping()
+                return
+        self.journal.folder.mkdir(parents=True, exist_ok=True)
+        self._segment_number += 1
+        self._segment = self.journal.segment_path(owner, self._segment_number).open("ab")
+        self._segment_bytes = 0
+
+    def _stop_shipping(self) -> None:
+        self._owner = None
+        if self._segment is not None:
+            with contextlib.suppress(OSError):
+                self._segment.close()
+            self._segment = None
+
+    def _ship_reports(self) -> None:
+        """Append the latest progress report of each job to the segment."""
+        with self._lock:
+            if self._owner is not None and self._reports and self._ship(self._report_lines()):
+                self._reports.clear()
+
+    def _report_lines(self) -> list[bytes]:
+        """The progress reports waiting (under the lock), as lines."""
+        return [(report.to_json() + "\n").encode("utf-8") for report in self._reports.values()]
+
     def _forget_ahead(self) -> None:
         """Everything recorded so far is written (or journaled): empty the write-ahead file.
         Called with the lock held, so that no transition is appended meanwhile."""
@@ -143,13 +223,14 @@ class Recorder:
             self._wake.clear()
             if self.flush_once():
                 delay = self.settings.history_flush_interval
-                self._catch_up()
+                self.catch_up()
             else:
                 delay = min(delay * 2, _MAX_BACKOFF)
                 self._spill(keep=self.settings.history_buffer_max)
 
     def flush_once(self) -> bool:
         """Write everything buffered; False (and nothing lost) if the database did not take it."""
+        self._ship_reports()
         while True:
             with self._lock:
                 batch = list(islice(self._buffer, self.settings.history_batch_size))
@@ -159,7 +240,7 @@ class Recorder:
                 if not batch and not reports:
                     self._forget_ahead()
                     return True
-            if not self._write(batch + reports):
+            if not self.write(batch + reports):
                 return False
             with self._lock:
                 for _ in batch:
@@ -168,7 +249,8 @@ class Recorder:
                     if self._reports.get(report.job_id) is report:
                         del self._reports[report.job_id]
 
-    def _write(self, batch: list[Transition]) -> bool:
+    def write(self, batch: list[Transition]) -> bool:
+        """Write ``batch`` in one transaction; False (logged, counted) if the database failed."""
         try:
             sessions = self._session_factory()
             with sessions.begin() as session:
@@ -201,12 +283,12 @@ class Recorder:
         if spilled:
             self.journal.append(spilled)
 
-    def _catch_up(self) -> None:
+    def catch_up(self) -> None:
         """Write what this and stopped processes left in the journal."""
         for path in self.journal.claim():
             transitions = self.journal.read(path)
             for start in range(0, len(transitions), self.settings.history_batch_size):
-                if not self._write(transitions[start : start + self.settings.history_batch_size]):
+                if not self.write(transitions[start : start + self.settings.history_batch_size]):
                     self.journal.release(path)
                     return
             self.journal.done(path)
@@ -225,6 +307,7 @@ class Recorder:
             self._spill(keep=0)
         with self._lock:  # written or journaled: the write-ahead file is not needed any more
             self._forget_ahead()
+            self._stop_shipping()  # what the segment holds is the writer process's to write
         if self._engine is not None:
             self._engine.dispose()
 
@@ -284,15 +367,42 @@ def _forget_after_fork() -> None:
 
 #: True in a worker's processes (main and pool, which inherit it): they write ahead
 _in_worker = False
+#: the worker (main process id) whose history writer process writes this process's history
+_writer_owner: int | None = None
+#: that writer process, in the worker's main process
+_writer: WriterProcess | None = None
 
 
-def _worker_starting(**_: Any) -> None:
-    global _in_worker  # noqa: PLW0603 - a fact about this process, like the registry above
+def _worker_starting(sender: Any = None, **_: Any) -> None:
+    """In a worker's main process, before its pool starts: start its history writer."""
+    global _in_worker, _writer_owner, _writer  # noqa: PLW0603 - facts about this process
     _in_worker = True
+    settings = getattr(getattr(sender, "app", None), "settings", None)
+    if not isinstance(settings, Settings) or _writer is not None:
+        return
+    if settings.history_enabled and settings.history_write_ahead:
+        from tasks_platform.history.shipper import WriterProcess  # noqa: PLC0415 - imports us
+
+        _writer = WriterProcess(settings).start()
+        _writer_owner = _writer.owner
+
+
+def _worker_stopping(**_: Any) -> None:
+    """In a worker's main process, once its pool has stopped: write what is left and let the
+    writer process write everything (its segments are complete now)."""
+    global _writer_owner, _writer  # noqa: PLW0603 - facts about this process
+    close_all()
+    writer, _writer = _writer, None
+    if writer is not None and writer.owner == os.getpid():
+        writer.stop()
+        _writer_owner = None
 
 
 signals.worker_init.connect(
     _worker_starting, weak=False, dispatch_uid="tasks-platform-history-worker"
+)
+signals.worker_shutdown.connect(
+    _worker_stopping, weak=False, dispatch_uid="tasks-platform-history-writer"
 )
 
 
@@ -324,7 +434,6 @@ def install(app: PlatformCelery) -> None:
         (signals.task_revoked, handlers.revoked),
         (job_progress, handlers.progressed),
         (signals.worker_process_shutdown, handlers.shutdown),
-        (signals.worker_shutdown, handlers.shutdown),
     ):
         signal.connect(handler, weak=False, dispatch_uid=uid)
 

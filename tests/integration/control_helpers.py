@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,17 @@ def event_states(platform: Platform, job_id: str) -> list[str]:
     with Session(platform.history) as session:
         query = sqlalchemy.select(JobEvent.state).where(JobEvent.job_id == job_id)
         return list(session.scalars(query.order_by(JobEvent.at)).all())
+
+
+def settled_event_states(
+    platform: Platform, job_id: str, expected: list[str], timeout: float = 10
+) -> list[str]:
+    """The job's event states once they are ``expected`` (or after ``timeout``): each process
+    writes what it recorded on its own, so the last one in may be an earlier transition."""
+    deadline = time.monotonic() + timeout
+    while (states := event_states(platform, job_id)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return states
 
 
 def audit_entries(platform: Platform) -> list[AuditEntry]:

@@ -75,7 +75,7 @@ def test_the_ahead_file_of_a_killed_process_is_written_by_another(
     left.write_text(_succeeded("orphan").to_json() + "\n")
 
     survivor = _recorder(tmp_path, engine)
-    survivor._catch_up()
+    survivor.catch_up()
 
     assert row(engine, "orphan").state == "succeeded"
     assert list(folder.iterdir()) == []

@@ -1,0 +1,274 @@
+"""The history writer process of a worker: the one process that writes the worker's history.
+
+A worker's processes (main and pool) do not write the history themselves: each appends the
+transitions it records, as JSON lines, to a segment file of its own in the journal folder
+(``<host>_<pid>_ship-<worker pid>-<n>.jsonl``) and goes on with its jobs. This process, started
+by the worker's main process when the worker starts, reads the segments as they grow and writes
+what they hold in batches (:func:`~tasks_platform.history.writer.apply_transitions`), then
+deletes each segment that its process closed (it went on to the next) or left (it ended).
+
+So a job never waits for the database, and the database work runs in a process of its own, on
+whatever core is free, instead of taking the interpreter lock from the jobs of a pool process.
+Nothing is lost on the way: a line is in the kernel before the job is acknowledged (a killed
+pool process loses none), a database outage only makes the segments wait (bounded by the
+journal's size: past it a process buffers and journals as before), and a writer process that
+dies is started again by the main process and reads every segment from its start (writing a
+transition twice changes nothing). When the worker stops, the main process waits for this
+process to write everything; a worker killed outright leaves its segments for the next
+process on the host that catches up (:meth:`~tasks_platform.history.journal.Journal.claim`).
+
+Run as ``python -m tasks_platform.history.shipper --owner PID`` with the worker's ``TASKS_*``
+environment; :class:`WriterProcess` does that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from tasks_platform.history.journal import Segment, alive
+from tasks_platform.history.recorder import Recorder
+from tasks_platform.history.writer import Transition
+from tasks_platform.process import settings_env
+from tasks_platform.settings import Settings
+
+logger = logging.getLogger(__name__)
+#: seconds between looks at the segments while they are growing
+_BUSY_POLL = 0.1
+#: at most this many bytes are read from one segment at a time
+_READ_BYTES = 8 * 1024 * 1024
+#: seconds between looks for the journals of stopped processes
+_CATCH_UP_EVERY = 10.0
+_MAX_BACKOFF = 5.0
+#: a writer whose worker is done gives up after the database failed this long (seconds)
+_GIVE_UP_AFTER = 30.0
+#: how much lower this process's CPU priority is than the worker's
+NICENESS = 10
+#: what the worker's main process writes to this process's standard input when it is done
+STOP = b"stop"
+
+
+@dataclass
+class _Read:
+    """What one pass read from a segment: its transitions, and where the next read starts."""
+
+    segment: Segment
+    end: int
+    closed: bool
+    transitions: list[Transition] = field(default_factory=list)
+
+
+class Shipper:
+    """Reads worker ``owner``'s segments and writes them into the history database."""
+
+    def __init__(self, settings: Settings, *, owner: int, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.recorder = Recorder(settings, engine)  # its write(), catch-up and failure logging
+        self.journal = self.recorder.journal
+        self.offsets: dict[Path, int] = {}
+        #: set when the worker is done: its processes closed their segments for good
+        self.final = threading.Event()
+        #: set when the worker's main process is gone, done or not
+        self.orphaned = threading.Event()
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        """Write until the worker is done (or gone) and nothing is left to write."""
+        delay, caught_up, failing_since = self.settings.history_flush_interval, 0.0, 0.0
+        while True:
+            final = self.final.is_set()
+            finishing = final or self.orphaned.is_set() or not alive(self.owner)
+            if time.monotonic() - caught_up > _CATCH_UP_EVERY:
+                self.recorder.catch_up()
+                caught_up = time.monotonic()
+            written = self.pass_once(final=final)
+            if written is None:  # the database failed: everything waits on disk
+                failing_since = failing_since or time.monotonic()
+                if finishing and time.monotonic() - failing_since > _GIVE_UP_AFTER:
+                    logger.error("history writer stopping with the database unavailable: the "
+                                 "segments stay in %s for the next process to write",
+                                 self.journal.folder)  # fmt: skip
+                    return
+                delay = min(max(delay, _BUSY_POLL) * 2, _MAX_BACKOFF)
+            elif written:
+                delay, failing_since = _BUSY_POLL, 0.0
+            elif finishing:
+                failing_since = 0.0
+                if not self.journal.segments(self.owner):
+                    return
+                delay = _BUSY_POLL  # segments of processes still ending
+            else:
+                failing_since = 0.0
+                delay = min(self.settings.history_flush_interval, max(delay, _BUSY_POLL) * 2)
+            self.wake.wait(delay)
+            self.wake.clear()
+
+    def pass_once(self, *, final: bool = False) -> int | None:
+        """Write what the segments gained since the last pass; how many transitions that was
+        (None if the database did not take them: nothing is lost, the next pass tries again).
+        ``final``: the worker's processes will append nothing more."""
+        reads = [self._read(listed) for listed in self._listed(final=final)]
+        transitions = [t for read in reads for t in read.transitions]
+        # progress reports after the starts of their attempts (a report before its start
+        # would be ignored), whatever the order of the segments
+        transitions.sort(key=lambda t: t.report)
+        size = max(self.settings.history_batch_size, 1)
+        for start in range(0, len(transitions), size):
+            if not self.recorder.write(transitions[start : start + size]):
+                return None
+        for read in reads:
+            self.offsets[read.segment.path] = read.end
+            if read.closed and read.end >= _size(read.segment.path):
+                read.segment.path.unlink(missing_ok=True)
+                self.offsets.pop(read.segment.path, None)
+        return len(transitions)
+
+    def _listed(self, *, final: bool) -> list[tuple[Segment, bool]]:
+        """The segments, each with whether its process will write no more to it: it went on to
+        a newer segment, or it ended (decided before reading, so the read sees its last line)."""
+        segments = self.journal.segments(self.owner)
+        newest: dict[int, int] = {}
+        for segment in segments:
+            newest[segment.pid] = max(newest.get(segment.pid, 0), segment.number)
+        listed = []
+        for segment in segments:
+            ended = final or segment.number < newest[segment.pid] or not alive(segment.pid)
+            listed.append((segment, ended))
+        known = {segment.path for segment, _ in listed}
+        for path in [path for path in self.offsets if path not in known]:
+            del self.offsets[path]  # deleted, or claimed by another process
+        return listed
+
+    def _read(self, listed: tuple[Segment, bool]) -> _Read:
+        segment, closed = listed
+        start = self.offsets.get(segment.path, 0)
+        try:
+            with segment.path.open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(_READ_BYTES)
+        except FileNotFoundError:  # claimed by another process meanwhile: it writes it
+            return _Read(segment, start, closed=False)
+        complete = data.rfind(b"\n") + 1
+        read = _Read(segment, start + complete, closed=closed and len(data) < _READ_BYTES)
+        bad = 0
+        for line in data[:complete].splitlines():
+            try:
+                read.transitions.append(Transition.from_json(line.decode("utf-8")))
+            except (ValueError, TypeError, KeyError):
+                bad += 1
+        if read.closed and complete < len(data):
+            bad += 1  # the last line of a process killed while it wrote it
+            read.end = start + len(data)
+        if bad:
+            logger.error("history segment %s: %d unreadable line(s) skipped",
+                         segment.path.name, bad)  # fmt: skip
+        return read
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class WriterProcess:
+    """The history writer process of the worker whose main process this is, kept running."""
+
+    def __init__(self, settings: Settings, *, stop_timeout: float = 60.0) -> None:
+        self.settings = settings
+        self.owner = os.getpid()
+        self.stop_timeout = stop_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> WriterProcess:
+        self._spawn()
+        threading.Thread(target=self._supervise, name="history-writer", daemon=True).start()
+        return self
+
+    def _spawn(self) -> None:
+        command = [sys.executable, "-m", "tasks_platform.history.shipper", "--owner",
+                   str(self.owner)]  # fmt: skip
+        env = {**os.environ, **settings_env(self.settings)}
+        with self._lock:
+            self._process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+
+    def _supervise(self) -> None:
+        """Start the writer again should it end while the worker runs (its segments wait)."""
+        backoff = 1.0
+        while not self._stopping.is_set():
+            process = self._process
+            assert process is not None
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            logger.error("history writer process ended (exit code %s); starting it again in "
+                         "%.0f s", code, backoff)  # fmt: skip
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            self._spawn()
+
+    def stop(self) -> None:
+        """Ask the writer to write everything and end; wait for it (bounded)."""
+        self._stopping.set()
+        with self._lock:
+            process = self._process
+        if process is None or process.poll() is not None:
+            return
+        assert process.stdin is not None
+        try:
+            process.stdin.write(STOP)
+            process.stdin.close()
+        except OSError:  # it ended meanwhile
+            return
+        try:
+            process.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("history writer process did not finish within %.0f s; it goes on "
+                         "writing after the worker", self.stop_timeout)  # fmt: skip
+
+
+def _listen(shipper: Shipper) -> None:
+    """The worker's main process says ``stop`` on our standard input when it is done; an end
+    of input without it means that process is gone."""
+    said = sys.stdin.buffer.read()
+    (shipper.final if said.startswith(STOP) else shipper.orphaned).set()
+    shipper.wake.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The history writer process of a worker.")
+    parser.add_argument("--owner", type=int, required=True, help="the worker's main process id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s: %(levelname)s/history "
+                        "writer] %(message)s")  # fmt: skip
+    # only the worker ends this process, once its processes are done: a SIGTERM sent to the
+    # whole group (systemd, Ctrl-C) reaches jobs still running, which have history to come
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICENESS)  # the jobs first: the history waits on disk meanwhile
+    shipper = Shipper(Settings(), owner=args.owner)
+    threading.Thread(target=_listen, args=(shipper,), daemon=True).start()
+    try:
+        shipper.run()
+    finally:
+        shipper.recorder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
