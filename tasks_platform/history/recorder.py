@@ -219,21 +219,29 @@ class Recorder:
     def _run(self) -> None:
         delay = self.settings.history_flush_interval
         while not self._stop.is_set():
-            self._wake.wait(delay)
+            full = self._wake.wait(delay)  # a full batch is waiting; else the interval passed
             self._wake.clear()
-            if self.flush_once():
+            if self.flush_once(whole_batches=full):
                 delay = self.settings.history_flush_interval
                 self.catch_up()
             else:
                 delay = min(delay * 2, _MAX_BACKOFF)
                 self._spill(keep=self.settings.history_buffer_max)
 
-    def flush_once(self) -> bool:
-        """Write everything buffered; False (and nothing lost) if the database did not take it."""
+    def flush_once(self, *, whole_batches: bool = False) -> bool:
+        """Write everything buffered; False (and nothing lost) if the database did not take it.
+
+        ``whole_batches``: write only full batches, leaving the rest for the next interval (a
+        busy producer that chased its buffer's tail would write it a few rows at a time, each
+        write costing about as much as a full batch).
+        """
         self._ship_reports()
+        size = self.settings.history_batch_size
         while True:
             with self._lock:
-                batch = list(islice(self._buffer, self.settings.history_batch_size))
+                if whole_batches and len(self._buffer) < size:
+                    return True
+                batch = list(islice(self._buffer, size))
                 # reports go with the last batch: after the starts of their attempts
                 last = len(batch) == len(self._buffer)
                 reports = list(self._reports.values()) if last else []

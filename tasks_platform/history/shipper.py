@@ -44,7 +44,7 @@ from tasks_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 #: seconds between looks at the segments while they are growing
-_BUSY_POLL = 0.1
+_BUSY_POLL = 0.25
 #: at most this many bytes are read from one segment at a time
 _READ_BYTES = 8 * 1024 * 1024
 #: seconds between looks for the journals of stopped processes
