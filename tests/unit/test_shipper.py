@@ -68,6 +68,13 @@ def _succeeded(job_id: str) -> Transition:
     return Transition(job_id, JobState.SUCCEEDED, 1, T0 + 1, worker="w@h", facts={"name": "a.b"})
 
 
+def _dead_pid() -> int:
+    """The id of a process that ran and ended (as if killed)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
 def _events(engine: Engine) -> int:
     with Session(engine) as session:
         return int(session.scalar(select(func.count()).select_from(JobEvent)) or 0)
@@ -131,11 +138,9 @@ def test_a_segment_its_process_went_past_is_deleted_once_written(
 def test_the_segment_of_a_killed_process_is_written_without_its_cut_last_line(
     tmp_path: Path, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     folder = tmp_path / "journal"
     folder.mkdir()
-    segment = folder / f"{socket.gethostname()}_{dead.pid}_ship-{OWNER}-1.jsonl"
+    segment = folder / f"{socket.gethostname()}_{_dead_pid()}_ship-{OWNER}-1.jsonl"
     cut = _succeeded("j").to_json()[:25]  # killed while it wrote this line
     segment.write_text(_started("j").to_json() + "\n" + cut)
 
@@ -198,12 +203,11 @@ def test_a_process_whose_writer_is_far_behind_writes_its_history_itself(
 
 
 def test_segments_of_a_running_worker_are_claimed_by_no_other_process(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = _dead_pid()
     journal = Journal(tmp_path, max_bytes=10**6)
     host = socket.gethostname()
-    ours = tmp_path / f"{host}_{dead.pid}_ship-{OWNER}-1.jsonl"  # our worker runs: its writer's
-    orphan = tmp_path / f"{host}_{dead.pid}_ship-{dead.pid}-1.jsonl"  # that worker is gone
+    ours = tmp_path / f"{host}_{dead}_ship-{OWNER}-1.jsonl"  # our worker runs: its writer's
+    orphan = tmp_path / f"{host}_{dead}_ship-{dead}-1.jsonl"  # that worker is gone
     for path in (ours, orphan):
         path.write_text(_started("j").to_json() + "\n")
 
