@@ -16,8 +16,9 @@ In a worker whose main process started a history writer process (the default, se
 :mod:`tasks_platform.history.shipper`), the worker's processes write nothing into the database:
 each transition is appended to the process's segment file and the job goes on; the writer
 process writes the segments. Progress reports are still coalesced in memory and appended once
-per flush interval. Should a segment fail to take a line (disk error), or the journal folder
-outgrow its bound (the writer far behind), the process falls back to buffering as above.
+per flush interval (or with the process's next transition). Should a segment fail to take a
+line (disk error), or the journal folder outgrow its bound (the writer far behind), the process
+falls back to buffering as above.
 
 Producer side: ``after_task_publish`` (queued). Worker side: ``task_prerun`` (started),
 ``task_retry`` (retrying), ``task_success`` (succeeded), ``task_failure`` (failed),
