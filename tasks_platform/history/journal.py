@@ -135,12 +135,7 @@ class Journal:
         return claimed
 
     def read(self, path: Path) -> list[Transition]:
-        transitions, bad = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                transitions.append(Transition.from_json(line))
-            except (ValueError, TypeError, KeyError):
-                bad += 1  # a line cut short by a crash
+        transitions, bad = parse(path.read_text(encoding="utf-8").splitlines())
         if bad:
             logger.error("history journal %s: %d unreadable line(s) skipped", path.name, bad)
         return transitions
@@ -152,6 +147,18 @@ class Journal:
 
     def done(self, path: Path) -> None:
         path.unlink(missing_ok=True)
+
+
+def parse(lines: Iterable[str]) -> tuple[list[Transition], int]:
+    """The transitions of JSON ``lines``, and how many lines could not be read (cut short by
+    a crash)."""
+    transitions, bad = [], 0
+    for line in lines:
+        try:
+            transitions.append(Transition.from_json(line))
+        except (ValueError, TypeError, KeyError):
+            bad += 1
+    return transitions, bad
 
 
 def _parts(path: Path) -> tuple[str, int, str]:

@@ -276,6 +276,13 @@ class Recorder:
         self.written += len(batch)
         return True
 
+    def write_all(self, transitions: list[Transition]) -> bool:
+        """Write ``transitions`` a batch at a time; False as soon as a batch failed (the
+        batches before it are written: writing them again changes nothing)."""
+        size = self.settings.history_batch_size
+        return all(self.write(transitions[start : start + size])
+                   for start in range(0, len(transitions), size))  # fmt: skip
+
     def _session_factory(self) -> Any:
         if self._sessions is None:
             if self.settings.effective_database_url.startswith("sqlite"):
@@ -296,10 +303,9 @@ class Recorder:
         """Write what this and stopped processes left in the journal."""
         for path in self.journal.claim():
             transitions = self.journal.read(path)
-            for start in range(0, len(transitions), self.settings.history_batch_size):
-                if not self.write(transitions[start : start + self.settings.history_batch_size]):
-                    self.journal.release(path)
-                    return
+            if not self.write_all(transitions):
+                self.journal.release(path)
+                return
             self.journal.done(path)
             logger.info("history caught up %d transition(s) from %s", len(transitions), path.name)
 

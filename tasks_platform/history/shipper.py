@@ -36,7 +36,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from tasks_platform.history.journal import Segment, alive
+from tasks_platform.history.journal import Segment, alive, parse
 from tasks_platform.history.recorder import Recorder
 from tasks_platform.history.writer import Transition
 from tasks_platform.process import settings_env
@@ -123,10 +123,8 @@ class Shipper:
         # progress reports after the starts of their attempts (a report before its start
         # would be ignored), whatever the order of the segments
         transitions.sort(key=lambda t: t.report)
-        size = max(self.settings.history_batch_size, 1)
-        for start in range(0, len(transitions), size):
-            if not self.recorder.write(transitions[start : start + size]):
-                return None
+        if not self.recorder.write_all(transitions):
+            return None
         for read in reads:
             self.offsets[read.segment.path] = read.end
             if read.closed and read.end >= _size(read.segment.path):
@@ -161,12 +159,7 @@ class Shipper:
             return _Read(segment, start, closed=False)
         complete = data.rfind(b"\n") + 1
         read = _Read(segment, start + complete, closed=closed and len(data) < _READ_BYTES)
-        bad = 0
-        for line in data[:complete].splitlines():
-            try:
-                read.transitions.append(Transition.from_json(line.decode("utf-8")))
-            except (ValueError, TypeError, KeyError):
-                bad += 1
+        read.transitions, bad = parse(data[:complete].decode("utf-8", "replace").splitlines())
         if read.closed and complete < len(data):
             bad += 1  # the last line of a process killed while it wrote it
             read.end = start + len(data)
