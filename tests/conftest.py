@@ -115,6 +115,16 @@ def wait_for(
         time.sleep(interval)
 
 
+def settled(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 10) -> Any:
+    """What ``read()`` gives once ``done`` holds for it, or its last value after ``timeout``
+    (for the assertion to show): each process writes a job's history on its own, so the last
+    one in may be an earlier transition."""
+    deadline = time.monotonic() + timeout
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
+
+
 @dataclass
 class Runs:
     """What a demo job wrote to its record file: one line per start and per success."""

@@ -7,7 +7,6 @@ One deployment serves the whole module; each test uses its own tenants, labels a
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from api_server import ServedApi, make_token, run_cli, serve_api
 from celery import chain
-from conftest import Platform, make_platform, postgres_schema, wait_for
+from conftest import Platform, make_platform, postgres_schema, settled, wait_for
 from sqlalchemy import select, update
 
 from tasks_platform.history import migrations
@@ -134,15 +133,12 @@ def _wait_state(
 def _settled(
     client: httpx.Client, job_id: str, expected: list[str], timeout: float = 10
 ) -> dict[str, Any]:
-    """The job's detail once its events are ``expected`` (or after ``timeout``): each process
-    writes what it recorded on its own, so the last one in may be an earlier transition."""
-    deadline = time.monotonic() + timeout
-    while True:
-        detail = dict(client.get(f"{API}/jobs/{job_id}").json())
-        states = [event["state"] for event in detail["events"]]
-        if states == expected or time.monotonic() > deadline:
-            return detail
-        time.sleep(0.1)
+    """The job's detail once its events are ``expected`` (or after ``timeout``)."""
+    detail: dict[str, Any] = settled(
+        lambda: dict(client.get(f"{API}/jobs/{job_id}").json()),
+        lambda detail: [event["state"] for event in detail["events"]] == expected, timeout,
+    )  # fmt: skip
+    return detail
 
 
 def _submit(client: httpx.Client, name: str = "demo.work", **body: Any) -> httpx.Response:

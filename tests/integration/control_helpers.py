@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from conftest import Platform, Runs, make_platform, postgres_schema, wait_for
+from conftest import Platform, Runs, make_platform, postgres_schema, settled, wait_for
 from sqlalchemy.orm import Session
 
 from tasks_platform.control import Control
@@ -74,11 +73,9 @@ def event_states(platform: Platform, job_id: str) -> list[str]:
 def settled_event_states(
     platform: Platform, job_id: str, expected: list[str], timeout: float = 10
 ) -> list[str]:
-    """The job's event states once they are ``expected`` (or after ``timeout``): each process
-    writes what it recorded on its own, so the last one in may be an earlier transition."""
-    deadline = time.monotonic() + timeout
-    while (states := event_states(platform, job_id)) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
+    """The job's event states once they are ``expected`` (or after ``timeout``)."""
+    states: list[str] = settled(lambda: event_states(platform, job_id),
+                                lambda states: states == expected, timeout)  # fmt: skip
     return states
 
 
