@@ -135,7 +135,7 @@ class Journal:
         return claimed
 
     def read(self, path: Path) -> list[Transition]:
-        transitions, bad = parse(path.read_text(encoding="utf-8").splitlines())
+        transitions, bad = parse(path.read_bytes().splitlines())
         if bad:
             logger.error("history journal %s: %d unreadable line(s) skipped", path.name, bad)
         return transitions
@@ -149,7 +149,7 @@ class Journal:
         path.unlink(missing_ok=True)
 
 
-def parse(lines: Iterable[str]) -> tuple[list[Transition], int]:
+def parse(lines: Iterable[str | bytes]) -> tuple[list[Transition], int]:
     """The transitions of JSON ``lines``, and how many lines could not be read (cut short by
     a crash)."""
     transitions, bad = [], 0

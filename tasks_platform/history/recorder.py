@@ -100,7 +100,7 @@ class Recorder:
     # -- the hot path ------------------------------------------------------------------------
     def record(self, transition: Transition) -> None:
         if self._owner is not None:
-            shipped = (transition.to_json() + "\n").encode("utf-8")
+            shipped = transition.to_line()
             with self._lock:
                 # reports waiting go first: a job's last report before the end of its attempt
                 if self._ship([*self._report_lines(), shipped]):
@@ -197,7 +197,7 @@ class Recorder:
 
     def _report_lines(self) -> list[bytes]:
         """The progress reports waiting (under the lock), as lines."""
-        return [(report.to_json() + "\n").encode("utf-8") for report in self._reports.values()]
+        return [report.to_line() for report in self._reports.values()]
 
     def _forget_ahead(self) -> None:
         """Everything recorded so far is written (or journaled): empty the write-ahead file.

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Collection
 from typing import Any
+
+from tasks_platform.history.encoding import dumps, loads
 
 REDACTED = "[redacted]"
 #: keys whose values never reach the history, whatever the job type
@@ -54,11 +55,11 @@ def bounded(value: Any, limit: int) -> Any:
     if value is None or (isinstance(value, int | float) and math.isfinite(value)):
         return value  # a few bytes at most, and JSON as it is
     try:
-        text = json.dumps(value, default=str, separators=(",", ":"))
-    except (TypeError, ValueError):
-        text = json.dumps(repr(value))
+        text = dumps(value)
+    except (TypeError, ValueError):  # a value that holds itself
+        text = dumps(repr(value))
     if len(text) <= limit:
-        return json.loads(text)
+        return loads(text)
     return {"truncated": True, "bytes": len(text), "preview": text[: max(limit // 4, 64)]}
 
 

@@ -159,7 +159,7 @@ class Shipper:
             return _Read(segment, start, closed=False)
         complete = data.rfind(b"\n") + 1
         read = _Read(segment, start + complete, closed=closed and len(data) < _READ_BYTES)
-        read.transitions, bad = parse(data[:complete].decode("utf-8", "replace").splitlines())
+        read.transitions, bad = parse(data[:complete].splitlines())
         if read.closed and complete < len(data):
             bad += 1  # the last line of a process killed while it wrote it
             read.end = start + len(data)
