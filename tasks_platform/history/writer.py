@@ -2,8 +2,8 @@
 
 A batch is applied in a few statements: a locked read of the rows the batch's jobs already
 have (ordered by id, so two writers never deadlock), one insert of the merged rows of jobs not
-seen yet, one update of the others, and one insert of the events (on PostgreSQL each of them
-takes its rows as one array per column). Identity facts (name, queue, args ...) are filled
+seen yet, one insert of the events, and one update of the other rows (on PostgreSQL each of
+them takes its rows as one JSON document). Identity facts (name, queue, args ...) are filled
 by whichever transition knows them first; the state and what comes with it (times, result,
 error) only move forward, by :func:`~tasks_platform.history.models.progress`. Applying the
 same transitions twice changes nothing: events are keyed by their own id.
@@ -12,7 +12,8 @@ Progress reports (``Transition.report``) set only ``percent`` and ``progress_not
 report of the row's current attempt wins, reports of an earlier attempt are ignored, and a row
 entering a new attempt forgets the last one's. They leave no event (a job may report often).
 Each attempt's run time is added to ``run_seconds_total`` once: for the transitions whose event
-row this batch inserted, so a batch written again adds nothing, whatever the order.
+row this batch inserted (the events go in before the rows they update), so a batch written
+again adds nothing, whatever the order.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select, text, update
+from sqlalchemy import String, Table, any_, bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -44,6 +45,7 @@ REPORTED = ("percent", "progress_note")
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
 _COLUMNS = [column.name for column in _JOBS.columns if column.name != "id"]
+_IDS = postgresql.ARRAY(String)
 _UPDATE_ROW = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("row_id"))
@@ -107,48 +109,44 @@ def apply_transitions(session: Session, transitions: Iterable[Transition]) -> No
         # between this read and this write (which would then undo what that process wrote)
         session.execute(text(f"UPDATE {_JOBS.name} SET id = id WHERE 0"))  # noqa: S608
     known = _locked_rows(session, dialect, ids)
+    events = _unique([t for t in by_job_order(by_job) if not t.report])
     unseen = [job_id for job_id in ids if job_id not in known]
     if unseen:  # new jobs: their merged rows go in as they are, in one statement
         fresh = [_merge(_blank(job_id), by_job[job_id], now) for job_id in unseen]
+        for row in fresh:  # no event of a job without a row is written yet: all of them count
+            row["run_seconds_total"] = _run_seconds(_unique(by_job[row["id"]]))
         inserted = _insert(session, dialect, _JOBS, fresh, returning=True)
         raced = [job_id for job_id in unseen if job_id not in inserted]
         if raced:  # another writer inserted them meanwhile: merge into its rows instead
             known.update(_locked_rows(session, dialect, raced))
+    # each attempt's run time counts once: with its event's first write
+    timed = any(t.job_id in known and t.facts.get("run_seconds") is not None for t in events)
+    rows = [_event_row(t) for t in events]
+    new_events = _insert(session, dialect, _EVENTS, rows, returning=timed) if rows else set()
     if known:
-        merged = [_merge(known[job_id], by_job[job_id], now) for job_id in sorted(known)]
+        merged = []
+        for job_id in sorted(known):
+            row = _merge(known[job_id], by_job[job_id], now)
+            seconds = _run_seconds(_unique([t for t in by_job[job_id] if t.event_id in new_events]))
+            if seconds is not None:
+                row["run_seconds_total"] = (row.get("run_seconds_total") or 0.0) + seconds
+            merged.append(row)
         _update(session, dialect, merged)
-    events = [t for t in by_job_order(by_job) if not t.report]
-    if not events:
-        return
-    timed = any(t.facts.get("run_seconds") is not None for t in events)
-    inserted = _insert(session, dialect, _EVENTS, [_event_row(t) for t in events], returning=timed)
-    if timed:  # each attempt's run time counts once: only with its event's first write
-        _add_run_seconds(session, dialect, [t for t in events if t.event_id in inserted])
 
 
-def _add_run_seconds(session: Session, dialect: str, transitions: list[Transition]) -> None:
-    totals: dict[str, float] = {}
+def _unique(transitions: list[Transition]) -> list[Transition]:
+    """``transitions`` without the repeats of an event (a line read twice)."""
+    return list({t.event_id: t for t in transitions}.values())
+
+
+def _run_seconds(transitions: Iterable[Transition]) -> float | None:
+    """The run time of the attempts ``transitions`` end (None if none of them says)."""
+    total = None
     for t in transitions:
-        seconds = t.facts.get("run_seconds")
-        if isinstance(seconds, int | float) and seconds >= 0:
-            totals[t.job_id] = totals.get(t.job_id, 0.0) + float(seconds)
-    if not totals:
-        return
-    ids = sorted(totals)
-    if dialect == "postgresql":
-        sql = (f"UPDATE {_JOBS.name} SET run_seconds_total = "  # noqa: S608
-               f"COALESCE({_JOBS.name}.run_seconds_total, 0) + v.seconds "
-               "FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:seconds AS FLOAT[])) AS v(id, seconds) "
-               f"WHERE {_JOBS.name}.id = v.id")  # fmt: skip
-        session.execute(text(sql), {"ids": ids, "seconds": [totals[i] for i in ids]})
-        return
-    total = _JOBS.c.run_seconds_total
-    statement = (
-        update(_JOBS)
-        .where(_JOBS.c.id == bindparam("row_id"))
-        .values(run_seconds_total=func.coalesce(total, 0.0) + bindparam("seconds"))
-    )
-    session.execute(statement, [{"row_id": i, "seconds": totals[i]} for i in ids])
+        seconds = None if t.report else t.facts.get("run_seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            total = (total or 0.0) + float(seconds)
+    return total
 
 
 def _insert(
@@ -208,9 +206,13 @@ _RECORDSETS = {table.name: _recordset(table) for table in (_JOBS, _EVENTS)}
 
 
 def _locked_rows(session: Session, dialect: str, ids: list[str]) -> dict[str, dict[str, Any]]:
-    query = select(_JOBS).where(_JOBS.c.id.in_(ids)).order_by(_JOBS.c.id)
     if dialect == "postgresql":
-        query = query.with_for_update()
+        # one array parameter: a list of hundreds of parameters costs PostgreSQL more to
+        # parse and plan than the rows cost to read
+        query = select(_JOBS).where(_JOBS.c.id == any_(bindparam("ids", ids, type_=_IDS)))
+        query = query.order_by(_JOBS.c.id).with_for_update()
+    else:
+        query = select(_JOBS).where(_JOBS.c.id.in_(ids)).order_by(_JOBS.c.id)
     return {row["id"]: dict(row) for row in session.execute(query).mappings()}
 
 

@@ -1,11 +1,14 @@
-"""A SQLite history database for the writer's unit tests, and two helpers to use it."""
+"""A history database for the writer's unit tests (SQLite; the writer's own tests run on
+PostgreSQL too, whose statements differ), and two helpers to use it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import postgres_schema
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -20,10 +23,29 @@ T0 = 1_700_000_000.0
 @pytest.fixture(name="engine")
 def engine_fixture(tmp_path: Path) -> Iterator[Engine]:
     """A fresh SQLite history (import this into a test module to use ``engine``)."""
-    made = create_history_engine(Settings(data_dir=tmp_path))
+    with _history(Settings(data_dir=tmp_path)) as made:
+        yield made
+
+
+@pytest.fixture(name="engine", params=["sqlite", "postgres"])
+def both_engines_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh history on SQLite and on PostgreSQL (a schema of its own)."""
+    if request.param == "sqlite":
+        with _history(Settings(data_dir=tmp_path)) as made:
+            yield made
+        return
+    with postgres_schema() as url, _history(Settings(data_dir=tmp_path, database_url=url)) as made:
+        yield made
+
+
+@contextmanager
+def _history(settings: Settings) -> Iterator[Engine]:
+    made = create_history_engine(settings)
     Base.metadata.create_all(made)
-    yield made
-    made.dispose()
+    try:
+        yield made
+    finally:
+        made.dispose()
 
 
 def write(engine: Engine, *transitions: Transition) -> None:

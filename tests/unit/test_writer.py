@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from history_db import T0, engine_fixture, row, write  # noqa: F401 - the engine fixture
+from history_db import T0, both_engines_fixture, row, write  # noqa: F401 - the engine fixture
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -53,3 +53,18 @@ def test_the_same_transitions_written_twice_change_nothing(engine: Engine) -> No
     assert (job.state, job.result, job.name) == ("succeeded", {"ok": True}, "demo.work")
     with Session(engine) as session:
         assert len(session.scalars(select(JobEvent)).all()) == 3
+
+
+def test_a_line_read_twice_in_one_batch_counts_its_run_time_once(engine: Engine) -> None:
+    """A writer process started again reads its segments from the start: the same events may
+    come twice, in one batch or in two, for a job the history knows or not yet."""
+    queued = Transition("k", JobState.QUEUED, 1, T0)
+    write(engine, queued)
+    for job_id in ("j", "k"):
+        done = Transition(job_id, JobState.SUCCEEDED, 1, T0 + 2, facts={"run_seconds": 1.25})
+        write(engine, done, done)
+        write(engine, done)
+        assert row(engine, job_id).run_seconds_total == 1.25
+        with Session(engine) as session:
+            events = session.scalars(select(JobEvent.state).where(JobEvent.job_id == job_id))
+            assert list(events) == (["queued"] if job_id == "k" else []) + ["succeeded"]

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from history_db import T0, engine_fixture, row, write  # noqa: F401 - the engine fixture
+from history_db import T0, both_engines_fixture, row, write  # noqa: F401 - the engine fixture
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
