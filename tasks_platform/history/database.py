@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from tasks_platform.history.encoding import loads
 from tasks_platform.settings import Settings
 
 
@@ -18,6 +19,8 @@ def create_history_engine(settings: Settings, **options: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, **options)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    # JSON columns read back by orjson (the writer reads every row it merges)
+    options.setdefault("json_deserializer", loads)
     options.setdefault("pool_pre_ping", True)
     options.setdefault("pool_size", 2)
     options.setdefault("max_overflow", 2)
