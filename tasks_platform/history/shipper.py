@@ -102,7 +102,11 @@ class Shipper:
                     return
                 delay = min(max(delay, _BUSY_POLL) * 2, _MAX_BACKOFF)
             elif written:
-                delay, failing_since = _BUSY_POLL, 0.0
+                # a busy worker: wait the flush interval, so that batches go out full (fewer,
+                # larger transactions: the database's work per job is smaller); else soon
+                busy = written >= self.settings.history_batch_size
+                delay = self.settings.history_flush_interval if busy else _BUSY_POLL
+                failing_since = 0.0
             elif finishing:
                 failing_since = 0.0
                 if not self.journal.segments(self.owner):
