@@ -7,23 +7,26 @@ invalid payload queues nothing. Wall time: about 30 s under -n 2.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy
 from conftest import Platform, make_platform, postgres_schema, wait_for
 from sqlalchemy.orm import Session
 
-from tasks_platform import create_app, submit_many
+from tasks_platform import bulk, create_app, submit_many
 from tasks_platform.errors import BrokerUnavailable, InvalidPayload
 from tasks_platform.history import recorder
 from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.models import Base, Job
 from tasks_platform.history.recorder import prepare_embedded_database
-from tasks_platform.jobs.declaration import PRIORITY_HEADER, TENANT_HEADER
+from tasks_platform.jobs.declaration import PRIORITY_HEADER, TENANT_HEADER, PlatformTask
 from tasks_platform.settings import Settings
 from tasks_platform.stats.broker import queue_depths
 
@@ -180,3 +183,38 @@ def test_an_unreachable_broker_is_a_clear_error(url: str, tmp_path: Path) -> Non
             submit_many("demo.noop", [{}] * 3, app=app)
     finally:
         app.close()
+
+
+def test_on_redis_a_bulk_message_is_the_envelope_kombu_writes(tmp_path: Path) -> None:
+    """On Redis a batch goes out as one LPUSH of envelopes the platform writes itself: each is
+    what kombu's channel would have pushed (delivery tag aside), and the list keeps the order."""
+    with make_platform("redis", tmp_path, history_enabled=False) as platform:
+        task = platform.task("demo.sync_account")
+        assert isinstance(task, PlatformTask)
+        payloads = [{"account": f"a-{n}", "password": "hunter2", "api_key": "sk"} for n in (0, 1)]
+        items = bulk._validate(task, payloads, None)
+        batch = bulk._Batch(task, items, {PRIORITY_HEADER: "high", TENANT_HEADER: "acme"},
+                            task._broker_priority("high"), countdown=5)  # fmt: skip
+        batch.send()  # the platform's envelopes
+        with platform.app.producer_or_acquire() as producer, producer.batch(max_size=3):
+            batch._publish_all(producer)  # kombu's, for the same jobs
+
+        client = redis.Redis.from_url(platform.settings.broker_url)
+        try:
+            (key,) = [k for k in client.keys(f"{batch.queue.name}*") if client.type(k) == b"list"]
+            pushed = [json.loads(raw) for raw in reversed(client.lrange(key, 0, -1))]
+        finally:
+            client.close()
+        ours, kombus = pushed[:2], pushed[2:]
+        for message in ours:
+            assert "'password': '[redacted]'" in message["headers"]["kwargsrepr"]
+        for mine, theirs in zip(ours, kombus, strict=True):
+            body = [json.loads(base64.b64decode(m.pop("body"))) for m in (mine, theirs)]
+            assert body[0] == body[1]
+            tags = [m["properties"].pop("delivery_tag") for m in (mine, theirs)]
+            assert tags[0] != tags[1]
+            for m in (mine, theirs):  # the eta is computed at each publish
+                assert m["headers"].pop("eta") is not None
+            assert mine == theirs
+        taken = take_all(platform, 4)  # in the order pushed
+        assert [m.payload[1]["account"] for m in taken] == ["a-0", "a-1", "a-0", "a-1"]
