@@ -153,9 +153,9 @@ class Recorder:
                 self._next_segment(owner)
             if self._segment is None:
                 return False
-            for line in lines:
-                self._segment.write(line)
-                self._segment_bytes += len(line)
+            data = lines[0] if len(lines) == 1 else b"".join(lines)
+            self._segment.write(data)
+            self._segment_bytes += len(data)
             self._segment.flush()  # in the kernel: the writer process reads it from there
         except OSError:
             logger.exception("history segment of worker %d failed: this process writes its "

@@ -89,8 +89,12 @@ class Transition:
     @classmethod
     def from_json(cls, line: str | bytes) -> Transition:
         data = loads(line)
-        data["state"] = JobState(data["state"])
+        state = _STATES.get(data["state"])  # an enum's lookup by value is slow
+        data["state"] = JobState(data["state"]) if state is None else state
         return cls(**data)
+
+
+_STATES = {state.value: state for state in JobState}
 
 
 def apply_transitions(session: Session, transitions: Iterable[Transition]) -> None:
