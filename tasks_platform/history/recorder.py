@@ -496,29 +496,30 @@ class _Handlers:
         facts.update(parent_id=request.parent_id, root_id=request.root_id, group_id=request.group)
         routing_key = str((request.delivery_info or {}).get("routing_key"))
         facts["queue"] = self.app.topology.family_of(routing_key)
-        _emit(self.app, sender, task_id, JobState.STARTED, facts)
+        _emit(self.app, request, task_id, JobState.STARTED, facts)
 
     def retried(self, sender: Any = None, request: Any = None, reason: Any = None,
                 **_: Any) -> None:  # fmt: skip
         if self.ours(sender) and request is not None:
             facts = error_facts(self.app, reason, None)
             facts["run_seconds"] = self._runtime(request.id)
-            _emit(self.app, sender, request.id, JobState.RETRYING, facts)
+            _emit(self.app, sender.request, request.id, JobState.RETRYING, facts)
 
     def succeeded(self, sender: Any = None, result: Any = None, **_: Any) -> None:
         if self.ours(sender):
-            task_id = sender.request.id
+            request = sender.request
+            task_id = request.id
             limit = self.app.settings.history_result_max_bytes
             facts = {"result": bounded(redact(result, sender_sensitive(sender)), limit),
                      "run_seconds": self._runtime(task_id), **token_facts(result)}  # fmt: skip
-            _emit(self.app, sender, task_id, JobState.SUCCEEDED, facts)
+            _emit(self.app, request, task_id, JobState.SUCCEEDED, facts)
 
     def failed(self, sender: Any = None, task_id: str = "", exception: Any = None,
                einfo: Any = None, **_: Any) -> None:  # fmt: skip
         if self.ours(sender):
             facts = error_facts(self.app, exception, einfo)
             facts["run_seconds"] = self._runtime(task_id)
-            _emit(self.app, sender, task_id, JobState.FAILED, facts)
+            _emit(self.app, sender.request, task_id, JobState.FAILED, facts)
 
     def revoked(self, sender: Any = None, request: Any = None, expired: bool = False,
                 terminated: bool = False, **_: Any) -> None:  # fmt: skip
@@ -551,9 +552,9 @@ class _Handlers:
         return None if begin is None else time.monotonic() - begin
 
 
-def _emit(app: PlatformCelery, task: Any, task_id: str, state: JobState,
+def _emit(app: PlatformCelery, request: Any, task_id: str, state: JobState,
           facts: dict[str, Any]) -> None:  # fmt: skip
-    request = task.request
+    """Record ``state`` of the job ``request`` (the task's current request) is about."""
     attempt = int(request.retries or 0) + 1
     record(app, Transition(task_id, state, attempt, time.time(), replays=_replays(request.headers),
                            worker=request.hostname or _HOST, facts=facts))  # fmt: skip
