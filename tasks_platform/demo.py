@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tasks_platform.application import PlatformCelery, create_app
 from tasks_platform.errors import InvalidPayload
-from tasks_platform.history import recorder
+from tasks_platform.history import migrations, recorder
 from tasks_platform.history.database import create_history_engine, session_factory
 from tasks_platform.history.models import TERMINAL_STATES, Job
 from tasks_platform.process import WorkerProcess
@@ -151,6 +151,10 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
     base = load_settings()
     run_id = uuid.uuid4().hex[:6]
     settings = _demo_settings(base, run_id)
+    problem = _history_problem(settings)
+    if problem is not None:
+        print(problem, file=out)
+        return 2
     app = create_app(settings, set_as_current=False)
     where = "the embedded file broker" if settings.embedded else settings.broker_kind.value
     print(f"tasks-platform demo on {where} (run {run_id})", file=out)
@@ -190,6 +194,23 @@ def run_demo(*, scale: float = 1.0, timeout: float = 240.0, out: TextIO = sys.st
         recorder.close_all()  # the producer's transitions are written before the folder goes
         engine.dispose()
         _clean_up(app, settings, base)
+
+
+def _history_problem(settings: Settings) -> str | None:
+    """Why the demo cannot read its figures from a configured history database, if it cannot
+    (the embedded SQLite history is brought to the current schema by the recorder)."""
+    url = settings.effective_database_url
+    if url.startswith("sqlite"):
+        return None
+    shown = sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    try:
+        if migrations.is_current(settings):
+            return None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        return f"the history database {shown} cannot be reached ({type(cause).__name__})"
+    return (f"the history database {shown} is not at the current schema: run "
+            "`tasks-platform db upgrade` first")  # fmt: skip
 
 
 def _demo_settings(base: Settings, run_id: str) -> Settings:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BROKER_URLS, Platform, make_platform, wait_for
+from conftest import BROKER_URLS, Platform, make_platform, postgres_schema, wait_for
 
 from tasks_platform.process import settings_env
 
@@ -148,3 +148,12 @@ def test_unknown_or_invalid_settings_are_refused_with_the_variable_named(tmp_pat
     scheme = _run({"TASKS_BROKER_URL": "bogus://x"}, "dlq", "list")
     assert scheme.returncode != 0
     assert "TASKS_BROKER_URL has scheme 'bogus'" in scheme.stderr
+
+
+def test_demo_on_a_history_database_without_the_schema_says_what_to_run(tmp_path: Path) -> None:
+    with postgres_schema() as url:
+        env = {"TASKS_DATA_DIR": str(tmp_path / "data"), "TASKS_DATABASE_URL": url}
+        result = _run(env, "demo", "--scale", "0.25")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is not at the current schema: run `tasks-platform db upgrade` first" in result.stdout
+    assert "Traceback" not in result.stderr
