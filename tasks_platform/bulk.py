@@ -153,8 +153,9 @@ def _broker_error(name: str, exc: Exception, *, done: int, batch: int) -> Except
 
     if isinstance(exc, PublishNotConfirmed):
         return exc
-    unavailable = BatchPublishError | OperationalError | RedisDown | RedisTimeout
-    if isinstance(exc, unavailable | ConnectionError | TimeoutError):
+    unavailable = (BatchPublishError, OperationalError, RedisDown, RedisTimeout,
+                   ConnectionError, TimeoutError)  # fmt: skip
+    if isinstance(exc, unavailable):
         return BrokerUnavailable(
             f"could not publish a batch of {batch} {name} jobs: the broker is unavailable "
             f"({type(exc).__name__}: {exc}); the {done} jobs of the batches before it are "
@@ -331,8 +332,8 @@ class _Batch:
 
 
 def _dumps(value: Any) -> bytes:
-    """JSON as kombu's serializer writes it: the envelope, whose values are plain JSON, by
-    orjson; what orjson would write otherwise (a date, ``NaN``) by kombu's encoder."""
+    """The envelope as JSON: by orjson, as its values are plain JSON; by kombu's encoder should
+    one not be (a date or time, which kombu writes its own way, or what orjson refuses)."""
     try:
         return orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except TypeError:

@@ -153,7 +153,7 @@ class Recorder:
                 self._next_segment(owner)
             if self._segment is None:
                 return False
-            data = lines[0] if len(lines) == 1 else b"".join(lines)
+            data = b"".join(lines)
             self._segment.write(data)
             self._segment_bytes += len(data)
             self._segment.flush()  # in the kernel: the writer process reads it from there

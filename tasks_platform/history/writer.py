@@ -89,8 +89,7 @@ class Transition:
     @classmethod
     def from_json(cls, line: str | bytes) -> Transition:
         data = loads(line)
-        state = _STATES.get(data["state"])  # an enum's lookup by value is slow
-        data["state"] = JobState(data["state"]) if state is None else state
+        data["state"] = _STATES[data["state"]]  # not JobState(...): its lookup by value is slow
         return cls(**data)
 
 
@@ -210,13 +209,14 @@ _RECORDSETS = {table.name: _recordset(table) for table in (_JOBS, _EVENTS)}
 
 
 def _locked_rows(session: Session, dialect: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    query = select(_JOBS).order_by(_JOBS.c.id)
     if dialect == "postgresql":
         # one array parameter: a list of hundreds of parameters costs PostgreSQL more to
         # parse and plan than the rows cost to read
-        query = select(_JOBS).where(_JOBS.c.id == any_(bindparam("ids", ids, type_=_IDS)))
-        query = query.order_by(_JOBS.c.id).with_for_update()
+        query = query.where(_JOBS.c.id == any_(bindparam("ids", ids, type_=_IDS)))
+        query = query.with_for_update()
     else:
-        query = select(_JOBS).where(_JOBS.c.id.in_(ids)).order_by(_JOBS.c.id)
+        query = query.where(_JOBS.c.id.in_(ids))
     return {row["id"]: dict(row) for row in session.execute(query).mappings()}
 
 

@@ -68,6 +68,11 @@ def _succeeded(job_id: str) -> Transition:
     return Transition(job_id, JobState.SUCCEEDED, 1, T0 + 1, worker="w@h", facts={"name": "a.b"})
 
 
+def _report(job_id: str, percent: float) -> Transition:
+    """A progress report of the job's first attempt."""
+    return Transition(job_id, JobState.STARTED, 1, T0, facts={"percent": percent}, report=True)
+
+
 def _dead_pid() -> int:
     """The id of a process that ran and ended (as if killed)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -173,8 +178,7 @@ def test_progress_reports_are_appended_once_per_flush_and_written_after_their_st
     recorder = make_recorder()
     recorder.record(_started("j"))
     for percent in (10.0, 20.0, 30.0):
-        recorder.report(Transition("j", JobState.STARTED, 1, T0, facts={"percent": percent},
-                                   report=True))  # fmt: skip
+        recorder.report(_report("j", percent))
     assert recorder.flush_once()
     (segment,) = Journal(tmp_path / "journal", max_bytes=10**6).segments(OWNER)
     assert len(segment.path.read_text().splitlines()) == 2  # the start and the latest report
@@ -247,8 +251,7 @@ def test_a_report_waiting_goes_out_with_the_next_transition_of_its_process(
 ) -> None:
     recorder = make_recorder()
     recorder.record(_started("j"))
-    recorder.report(Transition("j", JobState.STARTED, 1, T0, facts={"percent": 100.0},
-                               report=True))  # fmt: skip
+    recorder.report(_report("j", 100.0))
     recorder.record(_succeeded("j"))  # no flush in between: the job ended at once
 
     _shipper(tmp_path, engine).pass_once()
