@@ -30,6 +30,17 @@ RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.
 POLL_INTERVAL = 0.01
 
 
+def empty_history(database_url: str) -> None:
+    """Empty the history tables (TRUNCATE: a DELETE would leave the rows dead in the table,
+    for the next run's writer to read past)."""
+    engine = sa.create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("TRUNCATE jobs, job_events"))
+    finally:
+        engine.dispose()
+
+
 @contextmanager
 def postgres_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
     """A database URL whose tables live in a fresh schema, dropped afterwards."""

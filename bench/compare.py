@@ -42,16 +42,15 @@ from typing import Any
 
 import platform_stamp  # noqa: F401 - registers bench.stamp
 import redis
-import sqlalchemy as sa
 from common import (
     POSTGRES_URL,
+    empty_history,
     median,
     peak_rss_bytes,
     percentile,
     postgres_schema,
     time_drain,
 )
-from sqlalchemy.pool import NullPool
 from systems import REDIS_URL, BareCelery, Dramatiq, Platform, Rq, System
 
 import tasks_platform  # noqa: F401 - registers the job families
@@ -158,15 +157,6 @@ def _wait_ready(system: System, task: Any, client: redis.Redis, key: str) -> Non
     time.sleep(1.0)  # the pool settles
 
 
-def delete_history(database_url: str) -> None:
-    engine = sa.create_engine(database_url, poolclass=NullPool)
-    try:
-        with engine.begin() as connection:
-            connection.execute(sa.text("TRUNCATE jobs, job_events"))  # no dead rows left behind
-    finally:
-        engine.dispose()
-
-
 # -- the run -------------------------------------------------------------------------------------
 def measure(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     """Every section, every repetition; the raw figures by name."""
@@ -206,7 +196,7 @@ def _system(make: Callable[[Path], System], tmp: Path, database_url: str) -> Ite
     finally:
         system.close()
         if isinstance(system, Platform):
-            delete_history(database_url)
+            empty_history(database_url)
 
 
 def _pickup_systems(broker: str, database_url: str) -> list[Callable[[Path], System]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
-from common import postgres_schema, time_drain
+from common import empty_history, postgres_schema, time_drain
 from sqlalchemy.pool import NullPool
 
 from tasks_platform.application import create_app
@@ -56,7 +56,7 @@ def drain(settings: Settings, jobs: int) -> dict[str, float]:
     lists = [redis_list_name(queue, step) for step in REDIS_PRIORITY_STEPS]
     unacked = "unacked"  # kombu's default key; the bench's Redis database is its own
     if settings.history_enabled:  # each drain counts its own rows
-        _delete_history(settings)
+        empty_history(str(settings.database_url))
     try:
         noop = app.tasks["demo.noop"]
         with app.producer_or_acquire() as producer:
@@ -87,15 +87,6 @@ def drain(settings: Settings, jobs: int) -> dict[str, float]:
         client.delete(*lists, unacked)
         client.close()
         app.close()
-
-
-def _delete_history(settings: Settings) -> None:
-    engine = sa.create_engine(str(settings.database_url), poolclass=NullPool)
-    try:
-        with engine.begin() as connection:
-            connection.execute(sa.text("TRUNCATE jobs, job_events"))  # no dead rows left behind
-    finally:
-        engine.dispose()
 
 
 def _history_lag(settings: Settings, jobs: int) -> float:
@@ -181,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[mode].append(figures)
                 print(f"  drain {repetition + 1}/{args.repeat} history {mode}: "
                       f"{figures['jobs_per_second']:.0f} jobs/s", file=sys.stderr)  # fmt: skip
-        _delete_history(base)
+        empty_history(database_url)
         rate = recorder_rate(base, args.events_jobs)
         baseline_rate = insert_rate(database_url, 3 * args.events_jobs)
 
