@@ -124,8 +124,8 @@ class Settings(BaseSettings):
         default=0.05,
         ge=0,
         le=5,
-        description="Redis worker: at most one publish of buffered job events per this many "
-        "seconds (the events of many jobs in one message); 0 = each as soon as possible.",
+        description="Worker (Redis, RabbitMQ): at most one publish of buffered job events per "
+        "this many seconds (the events of many jobs in one message); 0 = each as soon as possible.",
     )
     sent_events: bool = Field(
         default=False,

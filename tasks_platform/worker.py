@@ -206,33 +206,71 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 class PlatformConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, dead-lettering the messages it would drop; on Redis its job events
-    go out from a thread of their own (:mod:`tasks_platform.event_sender`)."""
+    """Celery's consumer, dead-lettering the messages it would drop, and publishing job events
+    many jobs' at a time, at most every ``event_flush_interval`` seconds: on Redis from a thread
+    of its own (:mod:`tasks_platform.event_sender`), on the other brokers from a timer in the
+    event loop. Celery publishes its buffer on the very next loop turn instead: a publish for
+    every job or two."""
 
     _event_sender: EventSender | None = None
-    #: whether job events go out from a thread (Redis), decided at the first event
-    _events_in_thread: bool | None = None
+    #: how buffered job events go out, decided at the first event: "thread" (Redis), "timer"
+    #: (the other brokers) or "celery" (each loop turn: an interval of 0, or no event loop)
+    _event_flush: str | None = None
+    _event_interval = 0.0
+    #: when the flush the loop's timer holds is due (time.monotonic())
+    _event_flush_due = 0.0
 
     def on_send_event_buffered(self) -> None:  # called for every job event: kept cheap
-        if self._events_in_thread is None:
-            settings = cast("PlatformCelery", self.app).settings
-            self._events_in_thread = settings.broker_kind is BrokerKind.REDIS
-            if self._events_in_thread:
-                interval = settings.event_flush_interval
-                self._event_sender = EventSender(self._flush_events, interval=interval)
-        sender = self._event_sender
-        if sender is None:
+        if self._event_flush is None:
+            self._choose_event_flush()
+        if self._event_flush == "celery":
             return super().on_send_event_buffered()  # type: ignore[no-any-return]
         dispatcher = self.event_dispatcher  # a new one after each reconnection
         if dispatcher is not None and dispatcher.buffer_limit < EVENT_BUFFER_LIMIT:
             dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
-        sender.wake()
+        if self._event_sender is not None:
+            self._event_sender.wake()
+            return None
+        now = time.monotonic()
+        if now >= self._event_flush_due:  # no flush pending
+            self._event_flush_due = now + self._event_interval
+            self.hub.call_later(self._event_interval, self._flush_events)
         return None
 
+    def _choose_event_flush(self) -> None:
+        settings = cast("PlatformCelery", self.app).settings
+        self._event_interval = settings.event_flush_interval
+        if settings.broker_kind is BrokerKind.REDIS:
+            self._event_flush = "thread"
+            self._event_sender = EventSender(self._flush_events, interval=self._event_interval)
+        elif self.hub is not None and self._event_interval > 0:
+            self._event_flush = "timer"
+        else:
+            self._event_flush = "celery"
+
+    def connection_for_write(self, url: str | None = None, heartbeat: float | None = None) -> Any:
+        """The connection Celery's ``Events`` step (its only caller) publishes job events on;
+        on RabbitMQ without publisher confirms. With them (the platform's setting for jobs)
+        each publish of events waited for the broker's confirm, a round trip in the event
+        loop's thread. Events are monitoring, not delivery: a publish is written to the socket
+        and not waited for, as on the other brokers."""
+        rabbitmq = cast("PlatformCelery", self.app).settings.broker_kind is BrokerKind.RABBITMQ
+        options = {"confirm_publish": False} if rabbitmq else None
+        connection = self.app.connection_for_write(
+            url=url, heartbeat=heartbeat, transport_options=options
+        )
+        return self.ensure_connected(connection)
+
     def shutdown(self) -> None:
+        # the last events go out before the connection closes
         sender, self._event_sender = self._event_sender, None
-        if sender is not None:  # the last events go out before the connection closes
+        if sender is not None:
             sender.stop()
+        elif self._event_flush == "timer":
+            try:
+                self._flush_events()
+            except Exception:
+                logger.exception("could not publish the worker's last job events")
         super().shutdown()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
