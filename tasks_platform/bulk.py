@@ -22,8 +22,9 @@ What it keeps from ``delay()``:
 How it publishes: on Redis, each batch is one LPUSH of all its messages, one round trip, each
 message in the envelope kombu's Redis channel reads, written by the platform (kombu would
 build a message object, a delivery tag and three JSON texts per job: most of a bulk
-submission's time); on RabbitMQ, each batch is published on a channel of its own in
-publisher-confirm mode and confirmed once (one wait for the broker's acks); a batch the broker
+submission's time); on RabbitMQ, each batch is written on a channel of its own in
+publisher-confirm mode, with one system call, and confirmed once (one wait for the broker's
+acks), each message the one kombu's producer would have sent; a batch the broker
 does not confirm raises :class:`PublishNotConfirmed`. The embedded file broker publishes one
 message after another (it has no pipeline), with the same result.
 
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from amqp import spec
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from kombu.messaging import Producer
@@ -282,10 +284,25 @@ class _Batch:
                 producer = Producer(channel, auto_declare=False)
                 producer.maybe_declare(self.queue)
                 with _coalesced_writes(channel.connection.transport):
-                    self._publish_all(producer)
+                    self._send_frames(channel)
                 confirms.wait(len(self.items), timeout=CONFIRM_TIMEOUT)
             finally:
                 channel.close()
+
+    def _send_frames(self, channel: Any) -> None:
+        """RabbitMQ: each message as kombu's ``Producer.publish`` builds it (the JSON body,
+        persistent, the broker priority), handed to py-amqp's frame writer. py-amqp's
+        ``basic_publish`` first reads the socket for a ``connection.blocked`` notice, with two
+        timeout changes and a system call per message: about half of a bulk submission's time.
+        Such a notice is still read, with the confirms, once the batch is written."""
+        name = self.queue.name
+        for headers, properties, body in self._messages():
+            properties["delivery_mode"] = 2  # persistent
+            content = kombu_json.dumps(body)
+            message = channel.prepare_message(
+                content, self.priority, "application/json", "utf-8", headers, properties
+            )
+            channel.send_method(spec.Basic.Publish, "Bssbb", (0, "", name, False, False), message)
 
     def _publish_all(self, producer: Any) -> None:
         queue_name = self.queue.name

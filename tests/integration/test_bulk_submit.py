@@ -218,3 +218,37 @@ def test_on_redis_a_bulk_message_is_the_envelope_kombu_writes(tmp_path: Path) ->
             assert mine == theirs
         taken = take_all(platform, 4)  # in the order pushed
         assert [m.payload[1]["account"] for m in taken] == ["a-0", "a-1", "a-0", "a-1"]
+
+
+def test_on_rabbitmq_a_bulk_message_is_the_one_kombu_publishes(tmp_path: Path) -> None:
+    """On RabbitMQ a batch's frames are written without kombu's producer: each message is what
+    kombu would have published (body, headers, properties), and the queue keeps the order."""
+    with make_platform("rabbitmq", tmp_path, history_enabled=False) as platform:
+        task = platform.task("demo.sync_account")
+        assert isinstance(task, PlatformTask)
+        payloads = [{"account": f"a-{n}", "password": "hunter2", "api_key": "sk"} for n in (0, 1)]
+        items = bulk._validate(task, payloads, None)
+        batch = bulk._Batch(task, items, {PRIORITY_HEADER: "high", TENANT_HEADER: "acme"},
+                            task._broker_priority("high"), countdown=5)  # fmt: skip
+        batch.send()  # the platform's frames, confirmed
+        with platform.app.producer_or_acquire() as producer:
+            batch._publish_all(producer)  # kombu's, for the same jobs
+
+        taken = take_all(platform, 4)
+        assert [m.payload[1]["account"] for m in taken] == ["a-0", "a-1", "a-0", "a-1"]
+        ours, kombus = taken[:2], taken[2:]
+        for message in ours:
+            assert "'password': '[redacted]'" in message.headers["kwargsrepr"]
+        for mine, theirs in zip(ours, kombus, strict=True):
+            assert mine.body == theirs.body
+            assert (mine.content_type, mine.content_encoding) == ("application/json", "utf-8")
+            assert (theirs.content_type, theirs.content_encoding) == ("application/json", "utf-8")
+            headers = [dict(m.headers) for m in (mine, theirs)]
+            for h in headers:  # the eta is computed at each publish
+                assert h.pop("eta") is not None
+            assert headers[0] == headers[1]
+            properties = [{k: v for k, v in m.properties.items() if k != "application_headers"}
+                          for m in (mine, theirs)]  # fmt: skip
+            assert properties[0] == properties[1]
+            assert properties[0]["delivery_mode"] == 2
+            assert properties[0]["priority"] == task._broker_priority("high")
