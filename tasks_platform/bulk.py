@@ -73,6 +73,8 @@ from tasks_platform.topology import Priority
 
 #: jobs per pipeline (Redis) or per confirm wait (RabbitMQ)
 DEFAULT_BATCH_SIZE = 1000
+#: RabbitMQ: bytes of a batch's messages written together (about 60 jobs' messages)
+WRITE_CHUNK = 64 * 1024
 #: seconds RabbitMQ has to confirm a batch
 CONFIRM_TIMEOUT = 30.0
 
@@ -360,15 +362,24 @@ def _dumps(value: Any) -> bytes:
 @contextmanager
 def _coalesced_writes(transport: Any) -> Iterator[None]:
     """py-amqp sends each message with a system call of its own: gather a batch's messages and
-    send them with one call (nothing is sent if publishing fails half-way)."""
+    send them :data:`WRITE_CHUNK` bytes at a time, so that the broker takes in one chunk while
+    the next is encoded (a batch that fails half-way may be queued in part, as for Redis)."""
     write = transport._write
     buffer = bytearray()
-    transport._write = buffer.extend
+
+    def gather(data: bytes) -> None:
+        buffer.extend(data)
+        if len(buffer) >= WRITE_CHUNK:
+            write(bytes(buffer))
+            buffer.clear()
+
+    transport._write = gather
     try:
         yield
     finally:
         transport._write = write
-    write(bytes(buffer))
+    if buffer:
+        write(bytes(buffer))
 
 
 class _Confirms:
