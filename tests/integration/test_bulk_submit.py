@@ -185,16 +185,22 @@ def test_an_unreachable_broker_is_a_clear_error(url: str, tmp_path: Path) -> Non
         app.close()
 
 
+def secret_batch(platform: Platform) -> Any:
+    """A batch of two ``demo.sync_account`` jobs with secrets in their payloads, high priority,
+    a tenant and a countdown."""
+    task = platform.task("demo.sync_account")
+    assert isinstance(task, PlatformTask)
+    payloads = [{"account": f"a-{n}", "password": "hunter2", "api_key": "sk"} for n in (0, 1)]
+    items = bulk._validate(task, payloads, None)
+    return bulk._Batch(task, items, {PRIORITY_HEADER: "high", TENANT_HEADER: "acme"},
+                       task._broker_priority("high"), countdown=5)  # fmt: skip
+
+
 def test_on_redis_a_bulk_message_is_the_envelope_kombu_writes(tmp_path: Path) -> None:
     """On Redis a batch goes out as one LPUSH of envelopes the platform writes itself: each is
     what kombu's channel would have pushed (delivery tag aside), and the list keeps the order."""
     with make_platform("redis", tmp_path, history_enabled=False) as platform:
-        task = platform.task("demo.sync_account")
-        assert isinstance(task, PlatformTask)
-        payloads = [{"account": f"a-{n}", "password": "hunter2", "api_key": "sk"} for n in (0, 1)]
-        items = bulk._validate(task, payloads, None)
-        batch = bulk._Batch(task, items, {PRIORITY_HEADER: "high", TENANT_HEADER: "acme"},
-                            task._broker_priority("high"), countdown=5)  # fmt: skip
+        batch = secret_batch(platform)
         batch.send()  # the platform's envelopes
         with platform.app.producer_or_acquire() as producer, producer.batch(max_size=3):
             batch._publish_all(producer)  # kombu's, for the same jobs
@@ -224,12 +230,7 @@ def test_on_rabbitmq_a_bulk_message_is_the_one_kombu_publishes(tmp_path: Path) -
     """On RabbitMQ a batch's frames are written without kombu's producer: each message is what
     kombu would have published (body, headers, properties), and the queue keeps the order."""
     with make_platform("rabbitmq", tmp_path, history_enabled=False) as platform:
-        task = platform.task("demo.sync_account")
-        assert isinstance(task, PlatformTask)
-        payloads = [{"account": f"a-{n}", "password": "hunter2", "api_key": "sk"} for n in (0, 1)]
-        items = bulk._validate(task, payloads, None)
-        batch = bulk._Batch(task, items, {PRIORITY_HEADER: "high", TENANT_HEADER: "acme"},
-                            task._broker_priority("high"), countdown=5)  # fmt: skip
+        batch = secret_batch(platform)
         batch.send()  # the platform's frames, confirmed
         with platform.app.producer_or_acquire() as producer:
             batch._publish_all(producer)  # kombu's, for the same jobs
@@ -251,4 +252,4 @@ def test_on_rabbitmq_a_bulk_message_is_the_one_kombu_publishes(tmp_path: Path) -
                           for m in (mine, theirs)]  # fmt: skip
             assert properties[0] == properties[1]
             assert properties[0]["delivery_mode"] == 2
-            assert properties[0]["priority"] == task._broker_priority("high")
+            assert properties[0]["priority"] == batch.task._broker_priority("high")
