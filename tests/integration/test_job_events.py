@@ -19,6 +19,8 @@ def test_every_job_event_reaches_monitors_once_many_jobs_to_a_message(
     broker: str, tmp_path: Path
 ) -> None:
     with make_platform(broker, tmp_path, event_flush_interval=0.2) as platform:
+        if broker == "redis":
+            assert platform.app.conf.broker_transport == "tasks_platform.redis_transport:Transport"
         with (
             EventTap(platform.app, "task-received") as received,
             EventTap(platform.app, "task-succeeded") as succeeded,
