@@ -23,8 +23,8 @@ How it publishes: on Redis, each batch is one LPUSH of all its messages, one rou
 message in the envelope kombu's Redis channel reads, written by the platform (kombu would
 build a message object, a delivery tag and three JSON texts per job: most of a bulk
 submission's time); on RabbitMQ, each batch is written on a channel of its own in
-publisher-confirm mode, with one system call, and confirmed once (one wait for the broker's
-acks), each message the one kombu's producer would have sent; a batch the broker
+publisher-confirm mode, :data:`WRITE_CHUNK` bytes at a time, and confirmed once (one wait for
+the broker's acks), each message the one kombu's producer would have sent; a batch the broker
 does not confirm raises :class:`PublishNotConfirmed`. The embedded file broker publishes one
 message after another (it has no pipeline), with the same result.
 
@@ -363,7 +363,7 @@ def _dumps(value: Any) -> bytes:
 def _coalesced_writes(transport: Any) -> Iterator[None]:
     """py-amqp sends each message with a system call of its own: gather a batch's messages and
     send them :data:`WRITE_CHUNK` bytes at a time, so that the broker takes in one chunk while
-    the next is encoded (a batch that fails half-way may be queued in part, as for Redis)."""
+    the next is encoded (a batch that fails half-way may be queued in part)."""
     write = transport._write
     buffer = bytearray()
 
