@@ -262,11 +262,12 @@ class PlatformConsumer(Consumer):  # type: ignore[misc]
         return self.ensure_connected(connection)
 
     def shutdown(self) -> None:
-        # the last events go out before the connection closes
+        # the last events go out before the connection closes; any later one goes Celery's way
+        flush, self._event_flush = self._event_flush, "celery"
         sender, self._event_sender = self._event_sender, None
         if sender is not None:
             sender.stop()
-        elif self._event_flush == "timer":
+        elif flush == "timer":
             try:
                 self._flush_events()
             except Exception:
