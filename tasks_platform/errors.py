@@ -10,7 +10,7 @@ Every error the platform raises derives from :class:`PlatformError`::
      ├── InvalidPayload          a payload refused at submit time (nothing was queued)
      ├── LimitsUnavailable       the Redis keeping tenant limits did not answer (nothing was queued)
      ├── BrokerUnavailable       the broker could not be reached: the job was not published
-     │    └── PublishNotConfirmed    the broker did not confirm a publish (a nack, or no answer)
+     │    └── PublishNotConfirmed    a publish whose outcome is unknown: the job may be queued
      ├── HistoryUnavailable      the history database did not answer a submission that needs it
      ├── IdempotencyConflict     an idempotency key already names a job of another type
      ├── DeadLetterNotFound      no dead letter with that task id
@@ -68,8 +68,13 @@ class BrokerUnavailable(PlatformError):
 
 
 class PublishNotConfirmed(BrokerUnavailable):
-    """The broker did not confirm a publish (RabbitMQ publisher confirms: a nack, or no answer
-    within the confirm timeout): the job may not be queued, so it is reported, never assumed."""
+    """A publish whose outcome is unknown: the broker did not confirm it (RabbitMQ publisher
+    confirms: a nack, or no answer within the confirm timeout), or the connection was lost
+    while publishing. The job may be queued or not, so it is reported, never assumed.
+
+    Submit it again with its idempotency key: the job runs once either way (a worker drops the
+    second copy of a job whose first copy did reach the broker).
+    """
 
 
 class HistoryUnavailable(PlatformError):

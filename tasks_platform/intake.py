@@ -11,8 +11,11 @@ processes), the database lets one insert the row and the other finds it (on Post
 waits for the first transaction), and only the first publishes. Keys are scoped per tenant:
 two tenants using the same key get two jobs, and neither learns about the other's. A key that
 comes back with another job type raises :class:`~tasks_platform.errors.IdempotencyConflict`.
-If publishing fails, the row is removed again and the error raised, so the key may be used
-again. The key travels in the ``idempotency_key`` header (a payment job passes it on to its
+If publishing fails for sure, the row is removed again and the error raised, so the key may
+be used again. If the publish may have reached the broker
+(:class:`~tasks_platform.errors.PublishNotConfirmed`), the row stays, marked
+``publish_uncertain``: the next submission with the key publishes the job again, and
+:func:`claim_delivery` lets a worker run only one of the copies. The key travels in the ``idempotency_key`` header (a payment job passes it on to its
 provider) and is kept in the job's row: a key is remembered as long as that row, i.e. until
 the history cleanup removes the finished job (``history_retention_days``). Without a history
 (``history_enabled=False``) there is nowhere to keep a key, and using one is an error.
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +47,7 @@ from tasks_platform.errors import (
     HistoryUnavailable,
     IdempotencyConflict,
     InvalidPayload,
+    PublishNotConfirmed,
     UnknownJob,
 )
 from tasks_platform.history.database import create_history_engine, session_factory
@@ -52,6 +56,7 @@ from tasks_platform.history.recorder import job_facts, prepare_embedded_database
 from tasks_platform.jobs.declaration import (
     IDEMPOTENCY_KEY_HEADER,
     PRIORITY_HEADER,
+    PUBLISH_ID_HEADER,
     TENANT_HEADER,
     PlatformTask,
     check_tenant,
@@ -129,17 +134,21 @@ class Intake:
             if job_id is not None and job_id != derived:
                 raise InvalidPayload("give a job an idempotency key or a task id, not both")
             job_id, headers[IDEMPOTENCY_KEY_HEADER] = derived, key
+            headers[PUBLISH_ID_HEADER] = uuid.uuid4().hex  # this publish (see claim_delivery)
         job_id = str(job_id or uuid.uuid4())
         stub_headers = {**headers, TENANT_HEADER: tenant, PRIORITY_HEADER: _priority(task, options)}
         try:
             earlier = self._claim(lambda: _stub(task, job_id, args, kwargs, stub_headers))
+            # a keyed job whose publish may have failed: this submission publishes it again
+            again = (earlier is not None and earlier.name == task.name
+                     and earlier.publish_uncertain and self._retake(job_id))  # fmt: skip
         except (OperationalError, InterfaceError) as exc:  # unreachable, not a bad statement
             raise HistoryUnavailable(
                 f"could not submit a {task.name} job: the history database is unavailable "
                 f"({type(exc.orig or exc).__name__}); nothing was queued: submit it again"
                 + (" with the same idempotency key" if key is not None else "")
             ) from exc
-        if earlier is not None:
+        if earlier is not None and not again:
             if earlier.name != task.name:
                 raise IdempotencyConflict(
                     f"idempotency key {key!r} was used for a {earlier.name} job",
@@ -150,8 +159,13 @@ class Intake:
             options["tenant"] = tenant
         try:
             result = task.apply_async(args, kwargs, task_id=job_id, headers=headers, **options)
-        except BaseException:
-            self._release(job_id)
+        except BaseException as exc:
+            # a keyed job that may be queued keeps its row, marked, so that the key publishes
+            # it again and a worker runs only one copy; one that is surely not queued frees it
+            if key is not None and (again or isinstance(exc, PublishNotConfirmed)):
+                self._mark_uncertain(job_id)
+            else:
+                self._release(job_id)
             raise
         return Submitted(job_id, created=True, result=result)
 
@@ -175,6 +189,27 @@ class Intake:
             code="idempotency_in_flight",
         )
 
+    def _retake(self, job_id: str) -> bool:
+        """Take the republishing of a keyed job whose publish may have failed: True for one
+        submission only, and only while no worker ran a copy of it (nor recorded it)."""
+        claimed = (
+            update(Job)
+            .where(Job.id == job_id, Job.publish_uncertain.is_(True))
+            .where(Job.progress < 0, Job.delivered_by.is_(None))
+            .values(publish_uncertain=False)
+        )
+        with self.sessions.begin() as session:
+            return bool(session.execute(claimed).rowcount)  # type: ignore[attr-defined]
+
+    def _mark_uncertain(self, job_id: str) -> None:
+        """Keep the row of a keyed job that may be queued, for the key to publish it again."""
+        try:
+            with self.sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(publish_uncertain=True))
+        except Exception:
+            log.exception("could not mark job %s as maybe not queued: a submission with its "
+                          "key will take it as queued", job_id)  # fmt: skip
+
     def _release(self, job_id: str) -> None:
         """Remove the stub of a job that was not published (only while nothing recorded it)."""
         try:
@@ -182,6 +217,46 @@ class Intake:
                 session.execute(delete(Job).where(Job.id == job_id, Job.progress < 0))
         except Exception:
             log.exception("could not remove the history row of unpublished job %s", job_id)
+
+
+def claim_delivery(request: Any) -> bool:
+    """True if ``request`` may run: False for a second copy of a job with an idempotency key
+    (another publish of it, whose delivery a worker already took).
+
+    A keyed job is published again when its first publish may or may not have reached the
+    broker (:class:`~tasks_platform.errors.PublishNotConfirmed`): if both did, the first
+    delivery a worker takes records its publish id in the job's row, and the other copy is
+    not run. A redelivery of one message (a lost worker, Redis' visibility timeout, a replay
+    from the dead-letter queue) keeps its publish id and runs. Only first attempts are checked
+    (a retry is published by the worker that ran the job). If the database does not answer,
+    the job runs: at least once.
+    """
+    headers = request.request_dict or {}
+    publish_id = headers.get(PUBLISH_ID_HEADER)
+    if not publish_id or int(headers.get("retries") or 0) > 0:
+        return True
+    if not request.app.settings.history_enabled:
+        return True  # nowhere to look: at least once
+    claimed = (
+        update(Job)
+        .where(Job.id == str(request.id))
+        .where(Job.delivered_by.is_(None) | (Job.delivered_by == str(publish_id)))
+        .values(delivered_by=str(publish_id))
+    )
+    try:
+        with intake_for(request.app).sessions.begin() as session:
+            if session.execute(claimed).rowcount:  # type: ignore[attr-defined]
+                return True
+            # no row (the job's history is gone, or not written yet): run it
+            if session.get(Job, str(request.id)) is None:
+                return True
+    except Exception as exc:
+        log.warning("could not check job %s for another delivery (%s: %s); running it",
+                    request.id, type(exc).__name__, exc)  # fmt: skip
+        return True
+    log.warning("job %s[%s] was published twice (its first publish may have failed); this copy "
+                "is acknowledged without running", request.task.name, request.id)  # fmt: skip
+    return False
 
 
 def _stub(

@@ -63,10 +63,12 @@ class PlatformRequest(LimitedRequest):
 
     def admit_or_defer(self) -> None:
         """Acknowledge, without running it, a second publish of an outbox job (see
-        :mod:`tasks_platform.outbox.delivery`); then keep to the tenant's limits."""
+        :mod:`tasks_platform.outbox.delivery`) or of a job with an idempotency key (see
+        :func:`tasks_platform.intake.claim_delivery`); then keep to the tenant's limits."""
+        from tasks_platform.intake import claim_delivery  # noqa: PLC0415 - imports jobs
         from tasks_platform.outbox.delivery import is_duplicate  # noqa: PLC0415 - imports jobs
 
-        if not self.revoked() and is_duplicate(self):
+        if not self.revoked() and (is_duplicate(self) or not claim_delivery(self)):
             task_ready(self)
             self.acknowledge()
             raise TaskRevokedError(self.id)  # how the worker learns it did not go to the pool

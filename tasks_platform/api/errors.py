@@ -13,7 +13,8 @@ Every error answers ``{"error": {"code": "...", "message": "..."}}`` with a stab
 
     answered, never raised:            413     payload_too_large   body over the size limit
                                        422     invalid_request     a request that fails validation
-                                       503     broker_unavailable, database_unavailable,
+                                       503     broker_unavailable, publish_not_confirmed,
+                                               database_unavailable,
                                                limits_unavailable (tenant limits' Redis)
 
 The platform's own errors map to a status in :data:`PLATFORM_ERRORS` (an invalid payload is a
@@ -81,6 +82,7 @@ PLATFORM_ERRORS: tuple[tuple[type[PlatformError], int, str], ...] = (
     (errors.JobFinished, 409, "job_finished"),
     (errors.JobNotRetryable, 409, "job_not_retryable"),
     (errors.LimitsUnavailable, 503, "limits_unavailable"),  # nothing queued: try again
+    (errors.PublishNotConfirmed, 503, "publish_not_confirmed"),  # may be queued: the key again
     (errors.BrokerUnavailable, 503, "broker_unavailable"),  # nothing queued: try again
     (errors.HistoryUnavailable, 503, "database_unavailable"),  # nothing queued: try again
 )

@@ -8,6 +8,7 @@ SQLite pragmas apply, and disposes of its engine before returning.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,10 +27,15 @@ from tasks_platform.settings import Settings
 _ROOT = Path(__file__).resolve().parents[2]
 
 
+#: Alembic's ``op`` and ``context`` are process-wide: one command at a time per process (a
+#: recorder's thread may bring the embedded history up to date while another thread migrates)
+MIGRATING = threading.RLock()
+
+
 def upgrade(settings: Settings, revision: str = "head") -> None:
     """Apply every migration up to ``revision`` (default: the newest)."""
     config = alembic_config()
-    with _connection(settings) as connection:
+    with MIGRATING, _connection(settings) as connection:
         config.attributes["connection"] = connection
         alembic.command.upgrade(config, revision)
 
@@ -37,7 +43,7 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
 def downgrade(settings: Settings, revision: str) -> None:
     """Revert migrations down to ``revision`` (``"base"`` = an empty database)."""
     config = alembic_config()
-    with _connection(settings) as connection:
+    with MIGRATING, _connection(settings) as connection:
         config.attributes["connection"] = connection
         alembic.command.downgrade(config, revision)
 

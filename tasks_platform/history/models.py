@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -129,6 +130,12 @@ class Job(Base):
     #: LLM token usage of the job's last run (from its result's ``usage``)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: True: a job with an idempotency key whose publish failed in a way that may have queued
+    #: it; a submission with the key publishes it again (tasks_platform.intake)
+    publish_uncertain: Mapped[bool | None] = mapped_column(Boolean)
+    #: the publish (x-tasks-publish) of the first delivery of a keyed job a worker ran; a
+    #: delivery of another publish of the job is a duplicate
+    delivered_by: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (

@@ -335,14 +335,11 @@ def prepare_embedded_database(settings: Settings) -> None:
     """Bring the embedded SQLite history to the current schema (one process at a time, and one
     thread at a time: Alembic's ``op`` and ``context`` are process-wide)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with _migration_lock, (settings.data_dir / "history.lock").open("w") as lock:
+    from tasks_platform.history.migrations import MIGRATING, upgrade  # noqa: PLC0415 - alembic
+
+    with MIGRATING, (settings.data_dir / "history.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        from tasks_platform.history.migrations import upgrade  # noqa: PLC0415 - loads alembic
-
         upgrade(settings)
-
-
-_migration_lock = threading.Lock()
 
 
 # -- one recorder per process and settings -------------------------------------------------------

@@ -19,10 +19,12 @@ declaration, never inside the body.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -57,6 +59,9 @@ TENANT_HEADER = "tenant"
 REPR_MAX = 1024
 #: header holding the key a job was submitted with (scoped per tenant)
 IDEMPOTENCY_KEY_HEADER = "idempotency_key"
+#: header naming one publish of a job with an idempotency key (a redelivery keeps it; a second
+#: publish of the job, after a publish whose outcome was unknown, has another one)
+PUBLISH_ID_HEADER = "x-tasks-publish"
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
 #: header naming the job's priority (the broker only knows its number)
 PRIORITY_HEADER = "x-tasks-priority"
@@ -189,12 +194,14 @@ class PlatformTask(Task):  # type: ignore[misc]
             if deferred is not None:
                 return deferred  # waits for its slot in Redis; a worker publishes it then
         publishing = PUBLISHING_APP.set(self.app)
+        attempts: list[BaseException] = []  # each failed try kombu retried: see _publish_error
+        options["retry_policy"] = _noting_failures(options.get("retry_policy"), attempts)
         try:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         except Exception as exc:
-            translated = _publish_error(self.name, exc)
+            translated = _publish_error(self.name, exc, attempts)
             if translated is exc:
                 raise
             raise translated from exc
@@ -528,24 +535,82 @@ def _outbox_eligible(options: dict[str, Any], producer: Any, link: Any, link_err
     )
 
 
-def _publish_error(name: str, exc: Exception) -> Exception:
-    """A failed publish as the platform's error (an unconfirmed or impossible publish), else
-    ``exc`` itself."""
+def _noting_failures(
+    policy: dict[str, Any] | None, failures: list[BaseException]
+) -> dict[str, Any]:
+    """``policy`` (kombu's publish retry policy) with an errback adding each failed try (a
+    connection lost while publishing, a connection refused) to ``failures``."""
+    given = (policy or {}).get("errback")
+
+    def errback(exc: BaseException, interval: float) -> None:
+        failures.append(exc)
+        if given is not None:
+            given(exc, interval)
+
+    return {**(policy or {}), "errback": errback}
+
+
+def _publish_error(name: str, exc: Exception, failures: list[BaseException]) -> Exception:
+    """A failed publish as the platform's error, else ``exc`` itself.
+
+    ``failures`` are the earlier tries kombu retried. "Nothing was queued" is said only if no
+    try reached a broker (each was refused a connection, or found no host). A connection lost
+    during a try may have been lost after the broker took the message: that job *may* be
+    queued, and the error (PublishNotConfirmed) says so.
+    """
     from kombu.exceptions import OperationalError  # noqa: PLC0415 - only on a failed publish
 
     kind = type(exc).__name__
     if _nacked(exc) or isinstance(exc, TimeoutError):
         kind = "MessageNacked" if _nacked(exc) else kind
         return PublishNotConfirmed(
-            f"the broker did not confirm the publish of a {name} job ({kind}): it may not be "
-            "queued; submit it again (with an idempotency key) or through the outbox"
+            f"the broker did not confirm the publish of a {name} job ({kind}): it may be "
+            "queued or not; submit it again with an idempotency key (it runs once) or through "
+            "the outbox"
         )
-    if isinstance(exc, OperationalError | ConnectionError):
-        return BrokerUnavailable(
-            f"could not publish a {name} job: the broker is unavailable ({kind}: {exc}); "
-            "nothing was queued"
+    if not isinstance(exc, OperationalError | ConnectionError):
+        return exc
+    lost = [e for e in (*failures, exc) if not _never_connected(e)]
+    if lost:
+        cause = lost[0]
+        return PublishNotConfirmed(
+            f"the connection to the broker was lost while publishing a {name} job "
+            f"({type(cause).__name__}: {cause}): it may be queued or not; submit it again with "
+            "an idempotency key (it runs once) or through the outbox"
         )
-    return exc
+    return BrokerUnavailable(
+        f"could not publish a {name} job: the broker is unavailable ({kind}: {exc}); "
+        "nothing was queued"
+    )
+
+
+#: errnos of a connection that was never made
+_NO_CONNECTION_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+#: functions (py-amqp's, redis-py's, kombu's) that make a connection: an error raised inside
+#: one (a refusal, a peer that never answers the handshake) came before anything was sent
+_CONNECTING = frozenset(
+    {"connect", "_connect", "on_connect", "establish_connection", "ensure_connection",
+     "_ensure_connection", "_connection_factory"}
+)  # fmt: skip
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it wraps) was raised while making a connection."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # kombu's and redis-py's wrappers: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, socket.gaierror) or (
+            isinstance(seen, OSError) and seen.errno in _NO_CONNECTION_ERRNOS
+        ):
+            return True
+        frame = seen.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_code.co_name in _CONNECTING:
+                return True
+            frame = frame.tb_next
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _nacked(exc: BaseException) -> bool:

@@ -11,6 +11,10 @@ import threading
 class TcpProxy:
     """Forwards <host>:<port> to ``target``; ``cut()`` drops every connection and refuses.
 
+    ``hold_replies(after=marker)`` keeps forwarding what clients send, but once a client sent
+    ``marker`` drops what the server answers (a reply lost on the way): the publish carrying
+    the marker then reaches the broker and is never confirmed.
+
     ``host`` is 127.0.0.1 unless a test listens on another local address (a veth's end).
     """
 
@@ -24,8 +28,15 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
+        self.holding = False
+        self._marker: bytes | None = None
+
+    def hold_replies(self, *, after: bytes) -> None:
+        self._marker = after
 
     def start(self) -> TcpProxy:
+        """Listen (again, after a cut), forwarding both ways."""
+        self.holding, self._marker = False, None
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port))
@@ -63,8 +74,7 @@ class TcpProxy:
                 self._pairs.append((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         try:
             while True:
@@ -73,7 +83,10 @@ class TcpProxy:
                     data = source.recv(65536)
                     if not data:
                         return
-                    peers[source].sendall(data)
+                    if source is a and self._marker is not None and self._marker in data:
+                        self.holding = True
+                    if not (self.holding and source is b):
+                        peers[source].sendall(data)
         except (OSError, ValueError):  # ValueError: cut() closed a socket select() was given
             return
         finally:

@@ -14,16 +14,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy
 from celery.exceptions import QueueNotFound
-from conftest import Platform, make_platform, postgres_schema, wait_for
+from conftest import BROKER_URLS, Platform, make_platform, postgres_schema, wait_for
+from kombu import Connection
 from sqlalchemy.orm import Session
+from tcp_proxy import TcpProxy
 
 import tasks_platform
 from tasks_platform import intake
-from tasks_platform.errors import ConfigurationError, IdempotencyConflict, InvalidPayload
+from tasks_platform.errors import (
+    ConfigurationError,
+    IdempotencyConflict,
+    InvalidPayload,
+    PublishNotConfirmed,
+)
 from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.models import Base, Job
 from tasks_platform.intake import idempotent_id
@@ -32,13 +41,18 @@ from tasks_platform.stats.broker import queue_depths
 
 
 @contextmanager
-def keyed_platform(broker: str, history: str, tmp_path: Path) -> Iterator[Platform]:
+def keyed_platform(
+    broker: str, history: str, tmp_path: Path, **overrides: Any
+) -> Iterator[Platform]:
     """A platform whose history is SQLite (the embedded default) or a fresh PostgreSQL schema."""
     if history == "sqlite":
-        with make_platform(broker, tmp_path) as platform, _history_of(platform):
+        with make_platform(broker, tmp_path, **overrides) as platform, _history_of(platform):
             yield platform
         return
-    with postgres_schema() as url, make_platform(broker, tmp_path, database_url=url) as platform:
+    with (
+        postgres_schema() as url,
+        make_platform(broker, tmp_path, database_url=url, **overrides) as platform,
+    ):
         engine = create_history_engine(platform.settings)
         Base.metadata.create_all(engine)
         engine.dispose()
@@ -131,6 +145,76 @@ def test_a_key_queues_one_job_per_tenant_and_a_failed_publish_frees_it(
         # a key names its job as long as the job's row is kept: still the first job
         assert work.apply_async(kwargs=payload, idempotency_key="order-1").id == first.id
         assert waiting(platform) == 0
+
+
+@pytest.mark.parametrize(
+    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
+                                                                              "rabbitmq-postgres"]
+)  # fmt: skip
+def test_a_publish_lost_after_the_broker_took_it_is_reported_and_the_key_runs_the_job_once(
+    broker: str, history: str, tmp_path: Path
+) -> None:
+    """The broker takes the message, its answer is lost with the connection: the producer is
+    told the job *may* be queued; submitting again with the key queues a second copy, and a
+    worker runs one of the two."""
+    real = urlsplit(BROKER_URLS[broker])
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 0)).start()
+    proxied = real._replace(netloc=real.netloc.replace(f":{real.port}", f":{proxy.port}"))
+    try:
+        with keyed_platform(broker, history, tmp_path, broker_url=proxied.geturl()) as platform:
+            work, runs = platform.task("demo.work"), platform.runs()
+            payload = {"label": "maybe", "record_to": str(runs.path)}
+            job_id = idempotent_id(None, "order-9")
+            direct = Connection(BROKER_URLS[broker])
+            try:
+                proxy.hold_replies(after=b"order-9")  # the job's key, in its headers
+                outcome: list[BaseException] = []
+                producer = threading.Thread(target=_submit_into, daemon=True,
+                                            args=(work, payload, "order-9", outcome))  # fmt: skip
+                producer.start()
+                wait_for(lambda: _depth(direct, platform) == 1, 30, what="the broker to take it")
+                proxy.cut()  # the connection is lost before its answer came back
+                producer.join(60)
+                assert len(outcome) == 1
+                assert isinstance(outcome[0], PublishNotConfirmed), repr(outcome[0])
+                assert "may be queued or not" in str(outcome[0])
+                assert rows(platform, job_id)[job_id].publish_uncertain  # the key keeps its row
+
+                proxy.start()
+                again = work.apply_async(kwargs=payload, idempotency_key="order-9")
+                third = work.apply_async(kwargs=payload, idempotency_key="order-9")
+                assert again.id == third.id == job_id
+                assert _depth(direct, platform) == 2  # the lost copy and one more, no third
+
+                platform.worker(pool="threads")
+                row = state_of(platform, job_id, "succeeded")
+                wait_for(lambda: _depth(direct, platform) == 0, 30, what="both copies taken")
+                assert len(runs.starts("maybe")) == 1  # one copy ran, the other was dropped
+                assert "published twice" in platform.logs()
+                assert row.delivered_by is not None
+                assert not row.publish_uncertain
+                # the key is taken now: nothing more is queued
+                assert work.apply_async(kwargs=payload, idempotency_key="order-9").id == job_id
+                assert _depth(direct, platform) == 0
+            finally:
+                direct.release()
+    finally:
+        proxy.cut()
+
+
+def _submit_into(
+    task: Any, payload: dict[str, Any], key: str, outcome: list[BaseException]
+) -> None:
+    try:
+        task.apply_async(kwargs=payload, idempotency_key=key)
+    except BaseException as exc:  # what the producer is told: checked by the test
+        outcome.append(exc)
+
+
+def _depth(connection: Connection, platform: Platform) -> int:
+    """Messages in the default work queue, asked of the broker itself (not through the proxy)."""
+    depths = queue_depths(connection, platform.app.topology)
+    return sum(d.messages for d in depths if d.queue == "default")
 
 
 _SUBMITTER = """

@@ -41,7 +41,7 @@ HISTORY_TABLES = {
     "outbox",
 }
 MIGRATED_TABLES = HISTORY_TABLES | {"alembic_version"}
-HEAD = "0004"
+HEAD = "0005"
 
 
 @contextmanager
