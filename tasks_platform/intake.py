@@ -15,9 +15,10 @@ If publishing fails for sure, the row is removed again and the error raised, so 
 be used again. If the publish may have reached the broker
 (:class:`~tasks_platform.errors.PublishNotConfirmed`), the row stays, marked
 ``publish_uncertain``: the next submission with the key publishes the job again, and
-:func:`claim_delivery` lets a worker run only one of the copies. The key travels in the ``idempotency_key`` header (a payment job passes it on to its
-provider) and is kept in the job's row: a key is remembered as long as that row, i.e. until
-the history cleanup removes the finished job (``history_retention_days``). Without a history
+:func:`claim_delivery` lets a worker run only one of the copies. The key travels in the
+``idempotency_key`` header (a payment job passes it on to its provider) and is kept in the
+job's row: a key is remembered as long as that row, i.e. until the history cleanup removes
+the finished job (``history_retention_days``). Without a history
 (``history_enabled=False``) there is nowhere to keep a key, and using one is an error.
 
 The row is a stub like the ones the recorder writes (``progress`` -1): the recorder's own
