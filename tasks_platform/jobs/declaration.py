@@ -26,6 +26,7 @@ import math
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -194,18 +195,22 @@ class PlatformTask(Task):  # type: ignore[misc]
             if deferred is not None:
                 return deferred  # waits for its slot in Redis; a worker publishes it then
         publishing = PUBLISHING_APP.set(self.app)
-        attempts: list[BaseException] = []  # each failed try kombu retried: see _publish_error
-        options["retry_policy"] = _noting_failures(options.get("retry_policy"), attempts)
+        failures: list[BaseException] = []  # each failed try kombu retried: see _publish_error
+        noting = _PUBLISH_TRIES.set(_Tries(failures))
+        if "errback" not in (options.get("retry_policy") or {}):
+            options["retry_policy"] = {**(options.get("retry_policy") or {}),
+                                       "errback": _failed_try}  # fmt: skip
         try:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         except Exception as exc:
-            translated = _publish_error(self.name, exc, attempts)
+            translated = _publish_error(self.name, exc, failures)
             if translated is exc:
                 raise
             raise translated from exc
         finally:
+            _PUBLISH_TRIES.reset(noting)
             PUBLISHING_APP.reset(publishing)
 
     def publish_options(
@@ -535,19 +540,43 @@ def _outbox_eligible(options: dict[str, Any], producer: Any, link: Any, link_err
     )
 
 
-def _noting_failures(
-    policy: dict[str, Any] | None, failures: list[BaseException]
-) -> dict[str, Any]:
-    """``policy`` (kombu's publish retry policy) with an errback adding each failed try (a
-    connection lost while publishing, a connection refused) to ``failures``."""
-    given = (policy or {}).get("errback")
+@dataclass
+class _Tries:
+    """The publish running in this context: its failed tries, and its message's headers."""
 
-    def errback(exc: BaseException, interval: float) -> None:
-        failures.append(exc)
-        if given is not None:
-            given(exc, interval)
+    failures: list[BaseException]
+    headers: dict[str, Any] | None = None
 
-    return {**(policy or {}), "errback": errback}
+
+#: the publish apply_async is making in this context (kombu's retry errback has no other way in)
+_PUBLISH_TRIES: ContextVar[_Tries | None] = ContextVar("tasks_platform_publish", default=None)
+
+
+def _message_headers(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """``before_task_publish``: keep the headers of a keyed job's message (the very dict kombu
+    publishes, on every try) for :func:`_failed_try`."""
+    tries = _PUBLISH_TRIES.get()
+    if tries is not None and headers is not None and PUBLISH_ID_HEADER in headers:
+        tries.headers = headers
+
+
+signals.before_task_publish.connect(_message_headers, weak=False, dispatch_uid="publish-tries")
+
+
+def _failed_try(exc: BaseException, interval: float) -> None:
+    """kombu's errback, called before it tries a publish again: note the failure, and give a
+    keyed job's next try a publish id of its own if this one may have reached the broker (a
+    worker then runs one of the copies: :func:`tasks_platform.intake.claim_delivery`).
+
+    kombu keeps a publish's retry policy in its connection's transport options, so this is
+    also called outside any publish (when that connection reconnects): then it does nothing.
+    """
+    tries = _PUBLISH_TRIES.get()
+    if tries is None:
+        return
+    tries.failures.append(exc)
+    if tries.headers is not None and not _never_connected(exc):
+        tries.headers[PUBLISH_ID_HEADER] = uuid.uuid4().hex
 
 
 def _publish_error(name: str, exc: Exception, failures: list[BaseException]) -> Exception:

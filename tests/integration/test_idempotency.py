@@ -205,6 +205,48 @@ def test_a_publish_lost_after_the_broker_took_it_is_reported_and_the_key_runs_th
         proxy.cut()
 
 
+@pytest.mark.parametrize(
+    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
+                                                                              "rabbitmq-postgres"]
+)  # fmt: skip
+def test_a_publish_lost_after_the_broker_took_it_and_retried_at_once_runs_the_job_once(
+    broker: str, history: str, tmp_path: Path
+) -> None:
+    """The connection is lost after the broker took the message and kombu's retry, a moment
+    later, succeeds: the broker holds two copies, each its own publish, and one runs."""
+    real = urlsplit(BROKER_URLS[broker])
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 0)).start()
+    proxied = real._replace(netloc=real.netloc.replace(f":{real.port}", f":{proxy.port}"))
+    try:
+        with keyed_platform(broker, history, tmp_path, broker_url=proxied.geturl()) as platform:
+            work, runs = platform.task("demo.work"), platform.runs()
+            payload = {"label": "retried", "record_to": str(runs.path)}
+            job_id = idempotent_id(None, "order-10")
+            direct = Connection(BROKER_URLS[broker])
+            try:
+                proxy.hold_replies(after=b"order-10")
+                outcome: list[BaseException] = []
+                producer = threading.Thread(target=_submit_into, daemon=True,
+                                            args=(work, payload, "order-10", outcome))  # fmt: skip
+                producer.start()
+                wait_for(lambda: _depth(direct, platform) == 1, 30, what="the broker to take it")
+                proxy.cut()
+                proxy.start()  # back at once: kombu's next try goes through
+                producer.join(60)
+                assert outcome == []  # the producer was told it is queued: it is, twice
+                assert _depth(direct, platform) == 2
+
+                platform.worker(pool="threads")
+                state_of(platform, job_id, "succeeded")
+                wait_for(lambda: _depth(direct, platform) == 0, 30, what="both copies taken")
+                assert len(runs.starts("retried")) == 1
+                assert "published twice" in platform.logs()
+            finally:
+                direct.release()
+    finally:
+        proxy.cut()
+
+
 def _submit_into(
     task: Any, payload: dict[str, Any], key: str, outcome: list[BaseException]
 ) -> None:
