@@ -47,8 +47,11 @@ _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
 _COLUMNS = [column.name for column in _JOBS.columns if column.name != "id"]
 _IDS = postgresql.ARRAY(String)
-_SEQSCAN_OFF = text("SET LOCAL enable_seqscan = off")
-_SEQSCAN_DEFAULT = text("SET LOCAL enable_seqscan TO DEFAULT")
+#: the setting as it was (the select list is evaluated in order), then off for this transaction
+_SEQSCAN_OFF = text(
+    "SELECT current_setting('enable_seqscan'), set_config('enable_seqscan', 'off', true)"
+)
+_SEQSCAN_RESTORE = text("SELECT set_config('enable_seqscan', :before, true)")
 _UPDATE_ROW = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("row_id"))
@@ -151,13 +154,14 @@ def _index_scans(session: Session, dialect: str) -> Iterator[None]:
     """PostgreSQL: no sequential scans meanwhile. Every statement of a batch finds its rows by
     primary key, for which an index scan is always the right plan; but a table never analyzed
     (new, or just truncated) or with stale statistics looks small, and PostgreSQL then scanned
-    all of it, twice per batch. The rest of the caller's transaction plans as before."""
+    all of it, twice per batch. The rest of the caller's transaction plans as before (with
+    the setting it had, its own ``SET LOCAL`` included)."""
     if dialect != "postgresql":
         yield
         return
-    session.execute(_SEQSCAN_OFF)
+    before = session.execute(_SEQSCAN_OFF).one()[0]
     yield
-    session.execute(_SEQSCAN_DEFAULT)
+    session.execute(_SEQSCAN_RESTORE, {"before": before})
 
 
 def _unique(transitions: list[Transition]) -> list[Transition]:

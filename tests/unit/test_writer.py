@@ -87,3 +87,8 @@ def test_a_batch_on_a_table_never_analyzed_reads_jobs_by_index_only(engine: Engi
         # and the rest of the transaction plans as before
         assert session.scalar(text("SHOW enable_seqscan")) == "on"
     assert row(engine, ids[0]).state == "started"
+    # a caller's own setting for its transaction is kept too
+    with Session(engine) as session, session.begin():
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        apply_transitions(session, batch[:10])
+        assert session.scalar(text("SHOW enable_seqscan")) == "off"
