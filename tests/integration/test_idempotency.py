@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -147,6 +148,65 @@ def test_a_key_queues_one_job_per_tenant_and_a_failed_publish_frees_it(
         assert waiting(platform) == 0
 
 
+@dataclass
+class LostAnswer:
+    """A keyed ``demo.work`` job whose publish reached the broker but whose answer was lost
+    with the connection (a proxy between the platform and the broker dropped it, then cut)."""
+
+    platform: Platform
+    proxy: TcpProxy
+    direct: Connection  #: to the broker itself, not through the proxy
+    payload: dict[str, Any]
+    job_id: str
+    #: what the producer was told (nothing, if the publish returned)
+    outcome: list[BaseException]
+
+    def depth(self) -> int:
+        """Messages in the default work queue, asked of the broker itself."""
+        depths = queue_depths(self.direct, self.platform.app.topology)
+        return sum(d.messages for d in depths if d.queue == "default")
+
+    def run_all(self) -> Job:
+        """Start a worker; the job's row once it succeeded and every copy was taken."""
+        self.platform.worker(pool="threads")
+        row = state_of(self.platform, self.job_id, "succeeded")
+        wait_for(lambda: self.depth() == 0, 30, what="every copy to be taken")
+        return row
+
+
+@contextmanager
+def answer_lost(
+    broker: str, history: str, tmp_path: Path, key: str, *, back_at_once: bool
+) -> Iterator[LostAnswer]:
+    """Submit with ``key`` while the proxy drops the broker's answers, cut the connection once
+    the broker holds the message, and (``back_at_once``) let kombu's next try through."""
+    real = urlsplit(BROKER_URLS[broker])
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 0)).start()
+    proxied = real._replace(netloc=real.netloc.replace(f":{real.port}", f":{proxy.port}"))
+    try:
+        with keyed_platform(broker, history, tmp_path, broker_url=proxied.geturl()) as platform:
+            runs = platform.runs()
+            lost = LostAnswer(platform, proxy, Connection(BROKER_URLS[broker]),
+                              {"label": key, "record_to": str(runs.path)},
+                              idempotent_id(None, key), [])  # fmt: skip
+            try:
+                proxy.hold_replies(after=key.encode())  # the job's key, in its headers
+                producer = threading.Thread(target=_submit_into, daemon=True,
+                                            args=(platform.task("demo.work"), lost.payload, key,
+                                                  lost.outcome))  # fmt: skip
+                producer.start()
+                wait_for(lambda: lost.depth() == 1, 30, what="the broker to take it")
+                proxy.cut()  # the connection is lost before its answer came back
+                if back_at_once:
+                    proxy.start()
+                producer.join(60)
+                yield lost
+            finally:
+                lost.direct.release()
+    finally:
+        proxy.cut()
+
+
 @pytest.mark.parametrize(
     ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
                                                                               "rabbitmq-postgres"]
@@ -157,52 +217,30 @@ def test_a_publish_lost_after_the_broker_took_it_is_reported_and_the_key_runs_th
     """The broker takes the message, its answer is lost with the connection: the producer is
     told the job *may* be queued; submitting again with the key queues a second copy, and a
     worker runs one of the two."""
-    real = urlsplit(BROKER_URLS[broker])
-    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 0)).start()
-    proxied = real._replace(netloc=real.netloc.replace(f":{real.port}", f":{proxy.port}"))
-    try:
-        with keyed_platform(broker, history, tmp_path, broker_url=proxied.geturl()) as platform:
-            work, runs = platform.task("demo.work"), platform.runs()
-            payload = {"label": "maybe", "record_to": str(runs.path)}
-            job_id = idempotent_id(None, "order-9")
-            direct = Connection(BROKER_URLS[broker])
-            try:
-                proxy.hold_replies(after=b"order-9")  # the job's key, in its headers
-                outcome: list[BaseException] = []
-                producer = threading.Thread(target=_submit_into, daemon=True,
-                                            args=(work, payload, "order-9", outcome))  # fmt: skip
-                producer.start()
-                wait_for(lambda: _depth(direct, platform) == 1, 30, what="the broker to take it")
-                proxy.cut()  # the connection is lost before its answer came back
-                producer.join(60)
-                assert len(outcome) == 1
-                assert isinstance(outcome[0], PublishNotConfirmed), repr(outcome[0])
-                assert "may be queued or not" in str(outcome[0])
-                assert rows(platform, job_id)[job_id].publish_uncertain  # the key keeps its row
+    with answer_lost(broker, history, tmp_path, "order-9", back_at_once=False) as lost:
+        platform, work = lost.platform, lost.platform.task("demo.work")
+        assert len(lost.outcome) == 1
+        assert isinstance(lost.outcome[0], PublishNotConfirmed), repr(lost.outcome[0])
+        assert "may be queued or not" in str(lost.outcome[0])
+        assert rows(platform, lost.job_id)[lost.job_id].publish_uncertain  # the key keeps its row
 
-                proxy.start()
-                again = work.apply_async(kwargs=payload, idempotency_key="order-9")
-                third = work.apply_async(kwargs=payload, idempotency_key="order-9")
-                assert again.id == third.id == job_id
-                assert _depth(direct, platform) == 2  # the lost copy and one more, no third
+        lost.proxy.start()
+        again = work.apply_async(kwargs=lost.payload, idempotency_key="order-9")
+        third = work.apply_async(kwargs=lost.payload, idempotency_key="order-9")
+        assert again.id == third.id == lost.job_id
+        assert lost.depth() == 2  # the lost copy and one more, no third
 
-                platform.worker(pool="threads")
-                row = state_of(platform, job_id, "succeeded")
-                wait_for(lambda: _depth(direct, platform) == 0, 30, what="both copies taken")
-                assert len(runs.starts("maybe")) == 1  # one copy ran, the other was dropped
-                assert "published twice" in platform.logs()
-                assert row.delivered_by is not None
-                assert not row.publish_uncertain
-                time.sleep(2)  # the worker's history writer writes within 0.25 s when idle
-                # dropping the second copy recorded nothing over the job's row
-                assert rows(platform, job_id)[job_id].state == "succeeded"
-                # the key is taken now: nothing more is queued
-                assert work.apply_async(kwargs=payload, idempotency_key="order-9").id == job_id
-                assert _depth(direct, platform) == 0
-            finally:
-                direct.release()
-    finally:
-        proxy.cut()
+        row = lost.run_all()
+        assert len(platform.runs().starts("order-9")) == 1  # one copy ran, the other was dropped
+        assert "published twice" in platform.logs()
+        assert row.delivered_by is not None
+        assert not row.publish_uncertain
+        time.sleep(2)  # the worker's history writer writes within 0.25 s when idle
+        # dropping the second copy recorded nothing over the job's row
+        assert rows(platform, lost.job_id)[lost.job_id].state == "succeeded"
+        # the key is taken now: nothing more is queued
+        assert work.apply_async(kwargs=lost.payload, idempotency_key="order-9").id == lost.job_id
+        assert lost.depth() == 0
 
 
 @pytest.mark.parametrize(
@@ -214,37 +252,13 @@ def test_a_publish_lost_after_the_broker_took_it_and_retried_at_once_runs_the_jo
 ) -> None:
     """The connection is lost after the broker took the message and kombu's retry, a moment
     later, succeeds: the broker holds two copies, each its own publish, and one runs."""
-    real = urlsplit(BROKER_URLS[broker])
-    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 0)).start()
-    proxied = real._replace(netloc=real.netloc.replace(f":{real.port}", f":{proxy.port}"))
-    try:
-        with keyed_platform(broker, history, tmp_path, broker_url=proxied.geturl()) as platform:
-            work, runs = platform.task("demo.work"), platform.runs()
-            payload = {"label": "retried", "record_to": str(runs.path)}
-            job_id = idempotent_id(None, "order-10")
-            direct = Connection(BROKER_URLS[broker])
-            try:
-                proxy.hold_replies(after=b"order-10")
-                outcome: list[BaseException] = []
-                producer = threading.Thread(target=_submit_into, daemon=True,
-                                            args=(work, payload, "order-10", outcome))  # fmt: skip
-                producer.start()
-                wait_for(lambda: _depth(direct, platform) == 1, 30, what="the broker to take it")
-                proxy.cut()
-                proxy.start()  # back at once: kombu's next try goes through
-                producer.join(60)
-                assert outcome == []  # the producer was told it is queued: it is, twice
-                assert _depth(direct, platform) == 2
+    with answer_lost(broker, history, tmp_path, "order-10", back_at_once=True) as lost:
+        assert lost.outcome == []  # the producer was told it is queued: it is, twice
+        assert lost.depth() == 2
 
-                platform.worker(pool="threads")
-                state_of(platform, job_id, "succeeded")
-                wait_for(lambda: _depth(direct, platform) == 0, 30, what="both copies taken")
-                assert len(runs.starts("retried")) == 1
-                assert "published twice" in platform.logs()
-            finally:
-                direct.release()
-    finally:
-        proxy.cut()
+        lost.run_all()
+        assert len(lost.platform.runs().starts("order-10")) == 1
+        assert "published twice" in lost.platform.logs()
 
 
 def _submit_into(
@@ -254,12 +268,6 @@ def _submit_into(
         task.apply_async(kwargs=payload, idempotency_key=key)
     except BaseException as exc:  # what the producer is told: checked by the test
         outcome.append(exc)
-
-
-def _depth(connection: Connection, platform: Platform) -> int:
-    """Messages in the default work queue, asked of the broker itself (not through the proxy)."""
-    depths = queue_depths(connection, platform.app.topology)
-    return sum(d.messages for d in depths if d.queue == "default")
 
 
 _SUBMITTER = """
