@@ -15,10 +15,10 @@ If publishing fails for sure, the row is removed again and the error raised, so 
 be used again. If the publish may have reached the broker
 (:class:`~tasks_platform.errors.PublishNotConfirmed`), the row stays, marked
 ``publish_uncertain``: the next submission with the key publishes the job again, and
-:func:`claim_delivery` lets a worker run only one of the copies. The key travels in the
-``idempotency_key`` header (a payment job passes it on to its provider) and is kept in the
-job's row: a key is remembered as long as that row, i.e. until the history cleanup removes
-the finished job (``history_retention_days``). Without a history
+:func:`tasks_platform.outbox.delivery.is_duplicate` lets a worker run only one of the
+copies. The key travels in the ``idempotency_key`` header (a payment job passes it on to its
+provider) and is kept in the job's row: a key is remembered as long as that row, i.e. until
+the history cleanup removes the finished job (``history_retention_days``). Without a history
 (``history_enabled=False``) there is nowhere to keep a key, and using one is an error.
 
 The row is a stub like the ones the recorder writes (``progress`` -1): the recorder's own
@@ -135,7 +135,7 @@ class Intake:
             if job_id is not None and job_id != derived:
                 raise InvalidPayload("give a job an idempotency key or a task id, not both")
             job_id, headers[IDEMPOTENCY_KEY_HEADER] = derived, key
-            headers[PUBLISH_ID_HEADER] = uuid.uuid4().hex  # this publish (see claim_delivery)
+            headers[PUBLISH_ID_HEADER] = uuid.uuid4().hex  # this publish (see outbox.delivery)
         job_id = str(job_id or uuid.uuid4())
         stub_headers = {**headers, TENANT_HEADER: tenant, PRIORITY_HEADER: _priority(task, options)}
         try:
@@ -218,46 +218,6 @@ class Intake:
                 session.execute(delete(Job).where(Job.id == job_id, Job.progress < 0))
         except Exception:
             log.exception("could not remove the history row of unpublished job %s", job_id)
-
-
-def claim_delivery(request: Any) -> bool:
-    """True if ``request`` may run: False for a second copy of a job with an idempotency key
-    (another publish of it, whose delivery a worker already took).
-
-    A keyed job is published again when its first publish may or may not have reached the
-    broker (:class:`~tasks_platform.errors.PublishNotConfirmed`): if both did, the first
-    delivery a worker takes records its publish id in the job's row, and the other copy is
-    not run. A redelivery of one message (a lost worker, Redis' visibility timeout, a replay
-    from the dead-letter queue) keeps its publish id and runs. Only first attempts are checked
-    (a retry is published by the worker that ran the job). If the database does not answer,
-    the job runs: at least once.
-    """
-    headers = request.request_dict or {}
-    publish_id = headers.get(PUBLISH_ID_HEADER)
-    if not publish_id or int(headers.get("retries") or 0) > 0:
-        return True
-    if not request.app.settings.history_enabled:
-        return True  # nowhere to look: at least once
-    claimed = (
-        update(Job)
-        .where(Job.id == str(request.id))
-        .where(Job.delivered_by.is_(None) | (Job.delivered_by == str(publish_id)))
-        .values(delivered_by=str(publish_id))
-    )
-    try:
-        with intake_for(request.app).sessions.begin() as session:
-            if session.execute(claimed).rowcount:  # type: ignore[attr-defined]
-                return True
-            # no row (the job's history is gone, or not written yet): run it
-            if session.get(Job, str(request.id)) is None:
-                return True
-    except Exception as exc:
-        log.warning("could not check job %s for another delivery (%s: %s); running it",
-                    request.id, type(exc).__name__, exc)  # fmt: skip
-        return True
-    log.warning("job %s[%s] was published twice (its first publish may have failed); this copy "
-                "is acknowledged without running", request.task.name, request.id)  # fmt: skip
-    return False
 
 
 def _stub(

@@ -62,13 +62,12 @@ class PlatformRequest(LimitedRequest):
     _failure: Any = None
 
     def admit_or_defer(self) -> None:
-        """Acknowledge, without running it, a second publish of an outbox job (see
-        :mod:`tasks_platform.outbox.delivery`) or of a job with an idempotency key (see
-        :func:`tasks_platform.intake.claim_delivery`); then keep to the tenant's limits."""
-        from tasks_platform.intake import claim_delivery  # noqa: PLC0415 - imports jobs
+        """Acknowledge, without running it, a second publish of an outbox job or of a job with
+        an idempotency key (see :mod:`tasks_platform.outbox.delivery`); then keep to the
+        tenant's limits."""
         from tasks_platform.outbox.delivery import is_duplicate  # noqa: PLC0415 - imports jobs
 
-        if not self.revoked() and (is_duplicate(self) or not claim_delivery(self)):
+        if not self.revoked() and is_duplicate(self):
             task_ready(self)
             self.acknowledge()
             raise TaskRevokedError(self.id)  # how the worker learns it did not go to the pool

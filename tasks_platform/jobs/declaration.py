@@ -197,9 +197,9 @@ class PlatformTask(Task):  # type: ignore[misc]
         publishing = PUBLISHING_APP.set(self.app)
         failures: list[BaseException] = []  # each failed try kombu retried: see _publish_error
         noting = _PUBLISH_TRIES.set(_Tries(failures))
-        if "errback" not in (options.get("retry_policy") or {}):
-            options["retry_policy"] = {**(options.get("retry_policy") or {}),
-                                       "errback": _failed_try}  # fmt: skip
+        policy = options.get("retry_policy") or {}
+        if "errback" not in policy:
+            options["retry_policy"] = {**policy, "errback": _failed_try}
         try:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -566,7 +566,7 @@ signals.before_task_publish.connect(_message_headers, weak=False, dispatch_uid="
 def _failed_try(exc: BaseException, interval: float) -> None:
     """kombu's errback, called before it tries a publish again: note the failure, and give a
     keyed job's next try a publish id of its own if this one may have reached the broker (a
-    worker then runs one of the copies: :func:`tasks_platform.intake.claim_delivery`).
+    worker then runs one of the copies: :func:`tasks_platform.outbox.delivery.is_duplicate`).
 
     kombu keeps a publish's retry policy in its connection's transport options, so this is
     also called outside any publish (when that connection reconnects): then it does nothing.

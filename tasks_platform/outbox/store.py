@@ -215,18 +215,23 @@ def note_failure(session: Session, ids: Sequence[str], error: str) -> None:
         session.execute(statement.values(values))
 
 
-def claim_delivery(session: Session, job_id: str, publish_id: str) -> bool | None:
+def claim_delivery(
+    session: Session, job_id: str, publish_id: str, *, table: Table = _OUTBOX
+) -> bool | None:
     """Let the delivery of publish ``publish_id`` run job ``job_id``, unless another publish of
-    the job already did: True = run it, False = a duplicate, None = no outbox row (run it)."""
+    the job already did: True = run it, False = a duplicate, None = no row (run it).
+
+    ``table`` keeps the first delivery taken in its ``delivered_by`` column: the outbox (by
+    default), or the history's ``jobs`` (a job submitted with an idempotency key)."""
     statement = (
-        update(_OUTBOX)
-        .where(_OUTBOX.c.id == job_id)
-        .where((_OUTBOX.c.delivered_by.is_(None)) | (_OUTBOX.c.delivered_by == publish_id))
+        update(table)
+        .where(table.c.id == job_id)
+        .where((table.c.delivered_by.is_(None)) | (table.c.delivered_by == publish_id))
         .values(delivered_by=publish_id)
     )
     if session.execute(statement).rowcount:  # type: ignore[attr-defined]
         return True
-    exists = session.execute(select(_OUTBOX.c.id).where(_OUTBOX.c.id == job_id)).first()
+    exists = session.execute(select(table.c.id).where(table.c.id == job_id)).first()
     return False if exists is not None else None
 
 
