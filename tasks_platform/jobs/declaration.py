@@ -27,7 +27,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -589,9 +589,9 @@ def _publish_error(name: str, exc: Exception, failures: list[BaseException]) -> 
     """
     from kombu.exceptions import OperationalError  # noqa: PLC0415 - only on a failed publish
 
-    kind = type(exc).__name__
-    if _nacked(exc) or isinstance(exc, TimeoutError):
-        kind = "MessageNacked" if _nacked(exc) else kind
+    nacked = _nacked(exc)
+    kind = "MessageNacked" if nacked else type(exc).__name__
+    if nacked or isinstance(exc, TimeoutError):
         return PublishNotConfirmed(
             f"the broker did not confirm the publish of a {name} job ({kind}): it may be "
             "queued or not; submit it again with an idempotency key (it runs once) or through "
@@ -625,34 +625,37 @@ _CONNECTING = frozenset(
 
 def _never_connected(exc: BaseException) -> bool:
     """True if ``exc`` (or what it wraps) was raised while making a connection."""
-    seen: BaseException | None = exc
-    for _ in range(5):  # kombu's and redis-py's wrappers: a short chain
-        if seen is None:
-            return False
-        if isinstance(seen, socket.gaierror) or (
-            isinstance(seen, OSError) and seen.errno in _NO_CONNECTION_ERRNOS
-        ):
+    return any(_while_connecting(seen) for seen in _wrapped(exc))
+
+
+def _while_connecting(exc: BaseException) -> bool:
+    if isinstance(exc, socket.gaierror) or (
+        isinstance(exc, OSError) and exc.errno in _NO_CONNECTION_ERRNOS
+    ):
+        return True
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name in _CONNECTING:
             return True
-        frame = seen.__traceback__
-        while frame is not None:
-            if frame.tb_frame.f_code.co_name in _CONNECTING:
-                return True
-            frame = frame.tb_next
-        seen = seen.__cause__ or seen.__context__
+        frame = frame.tb_next
     return False
 
 
 def _nacked(exc: BaseException) -> bool:
     """True if the broker nacked the publish: kombu treats a nack as a recoverable connection
     error (it retries the publish) and raises OperationalError from the last one."""
+    return any(type(seen).__name__ == "MessageNacked" for seen in _wrapped(exc))
+
+
+def _wrapped(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: kombu's and redis-py's wrappers make a short chain (e.g.
+    OperationalError <- MessageNacked), of which the first five are looked at."""
     seen: BaseException | None = exc
-    for _ in range(5):  # a short chain: OperationalError <- MessageNacked
+    for _ in range(5):
         if seen is None:
-            return False
-        if type(seen).__name__ == "MessageNacked":
-            return True
+            return
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _summary(exc: ValidationError) -> str:
