@@ -84,6 +84,14 @@ def rows(platform: Platform, *job_ids: str) -> dict[str, Job]:
         return {job.id: job for job in found}
 
 
+#: the tests whose behaviour differs between the brokers, each with a history of its own
+on_both_brokers = pytest.mark.parametrize(
+    ("broker", "history"),
+    [("redis", "sqlite"), ("rabbitmq", "postgres")],
+    ids=["redis-sqlite", "rabbitmq-postgres"],
+)
+
+
 def state_of(platform: Platform, job_id: str, state: str) -> Job:
     def reached() -> Job | None:
         job = rows(platform, job_id).get(job_id)
@@ -92,10 +100,7 @@ def state_of(platform: Platform, job_id: str, state: str) -> Job:
     return wait_for(reached, 60, what=f"job {job_id} to be {state}")  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize(
-    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
-                                                                              "rabbitmq-postgres"]
-)  # fmt: skip
+@on_both_brokers
 def test_a_key_queues_one_job_per_tenant_and_a_failed_publish_frees_it(
     broker: str, history: str, tmp_path: Path
 ) -> None:
@@ -207,10 +212,7 @@ def answer_lost(
         proxy.cut()
 
 
-@pytest.mark.parametrize(
-    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
-                                                                              "rabbitmq-postgres"]
-)  # fmt: skip
+@on_both_brokers
 def test_a_publish_lost_after_the_broker_took_it_is_reported_and_the_key_runs_the_job_once(
     broker: str, history: str, tmp_path: Path
 ) -> None:
@@ -243,10 +245,7 @@ def test_a_publish_lost_after_the_broker_took_it_is_reported_and_the_key_runs_th
         assert lost.depth() == 0
 
 
-@pytest.mark.parametrize(
-    ("broker", "history"), [("redis", "sqlite"), ("rabbitmq", "postgres")], ids=["redis-sqlite",
-                                                                              "rabbitmq-postgres"]
-)  # fmt: skip
+@on_both_brokers
 def test_a_publish_lost_after_the_broker_took_it_and_retried_at_once_runs_the_job_once(
     broker: str, history: str, tmp_path: Path
 ) -> None:
