@@ -202,7 +202,6 @@ class WriterProcess:
         env = {**os.environ, **settings_env(self.settings)}
         with self._lock:
             self._process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
-            lower_priority(self._process.pid)
 
     def _supervise(self) -> None:
         """Start the writer again should it end while the worker runs (its segments wait)."""
@@ -240,16 +239,6 @@ class WriterProcess:
                          "writing after the worker", self.stop_timeout)  # fmt: skip
 
 
-def lower_priority(pid: int) -> None:
-    """Give process ``pid`` a CPU priority :data:`NICENESS` below this process's, at once: the
-    writer's start (its imports take about a second of CPU) would otherwise compete with the
-    worker's first jobs; the jobs come first, the history waits on disk meanwhile."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
-    except OSError as exc:  # it ended already, or the system refuses: it runs as it is
-        logger.warning("could not lower the history writer's CPU priority: %s", exc)
-
-
 def _listen(shipper: Shipper) -> None:
     """The worker's main process says ``stop`` on our standard input when it is done; an end
     of input without it means that process is gone."""
@@ -268,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     # whole group (systemd, Ctrl-C) reaches jobs still running, which have history to come
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICENESS)  # the jobs first: the history waits on disk meanwhile
     shipper = Shipper(Settings(), owner=args.owner)
     threading.Thread(target=_listen, args=(shipper,), daemon=True).start()
     try:

@@ -22,7 +22,7 @@ from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.journal import Journal
 from tasks_platform.history.models import JobEvent, JobState
 from tasks_platform.history.recorder import Recorder
-from tasks_platform.history.shipper import NICENESS, STOP, Shipper, WriterProcess
+from tasks_platform.history.shipper import STOP, Shipper
 from tasks_platform.history.writer import Transition
 from tasks_platform.process import settings_env
 from tasks_platform.settings import Settings
@@ -244,19 +244,6 @@ def test_the_writer_process_writes_everything_when_its_worker_says_stop(
     finally:
         engine.dispose()
     assert recorder.journal.segments(OWNER) == []
-
-
-def test_the_writer_process_runs_at_a_lower_cpu_priority_from_its_start(tmp_path: Path) -> None:
-    """Its start (imports, about a second of CPU) must not compete with the worker's first
-    jobs: the priority is lowered as it is started, not once it has imported everything."""
-    writer = WriterProcess(Settings(data_dir=tmp_path), stop_timeout=60).start()
-    try:
-        assert writer._process is not None
-        niceness = os.getpriority(os.PRIO_PROCESS, writer._process.pid)
-        assert niceness == min(os.getpriority(os.PRIO_PROCESS, 0) + NICENESS, 19)
-    finally:
-        writer.stop()
-    assert writer._process.returncode == 0
 
 
 def test_a_report_waiting_goes_out_with_the_next_transition_of_its_process(
