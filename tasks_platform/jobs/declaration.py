@@ -196,10 +196,12 @@ class PlatformTask(Task):  # type: ignore[misc]
                 return deferred  # waits for its slot in Redis; a worker publishes it then
         publishing = PUBLISHING_APP.set(self.app)
         failures: list[BaseException] = []  # each failed try kombu retried: see _publish_error
-        noting = _PUBLISH_TRIES.set(_Tries(failures))
         policy = options.get("retry_policy") or {}
-        if "errback" not in policy:
-            options["retry_policy"] = {**policy, "errback": _failed_try}
+        errback = policy.get("errback")  # the caller's own: _failed_try calls it
+        if errback is _failed_try:
+            errback = None
+        noting = _PUBLISH_TRIES.set(_Tries(failures, errback=errback))
+        options["retry_policy"] = {**policy, "errback": _failed_try}
         try:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -542,10 +544,12 @@ def _outbox_eligible(options: dict[str, Any], producer: Any, link: Any, link_err
 
 @dataclass
 class _Tries:
-    """The publish running in this context: its failed tries, and its message's headers."""
+    """The publish running in this context: its failed tries, its message's headers, and the
+    errback its caller gave in its retry policy (called after the platform's own)."""
 
     failures: list[BaseException]
     headers: dict[str, Any] | None = None
+    errback: Callable[[BaseException, float], Any] | None = None
 
 
 #: the publish apply_async is making in this context (kombu's retry errback has no other way in)
@@ -577,6 +581,8 @@ def _failed_try(exc: BaseException, interval: float) -> None:
     tries.failures.append(exc)
     if tries.headers is not None and not _never_connected(exc):
         tries.headers[PUBLISH_ID_HEADER] = uuid.uuid4().hex
+    if tries.errback is not None:
+        tries.errback(exc, interval)
 
 
 def _publish_error(name: str, exc: Exception, failures: list[BaseException]) -> Exception:

@@ -6,16 +6,19 @@ Declarations are global (one name, one body per process), so every test declares
 
 from __future__ import annotations
 
+import errno
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Task
+from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from tasks_platform.application import create_app
-from tasks_platform.errors import DeclarationError
+from tasks_platform.errors import DeclarationError, PublishNotConfirmed
 from tasks_platform.jobs.declaration import PlatformTask, job
 from tasks_platform.jobs.retry import RetryPolicy
 from tasks_platform.settings import Settings
@@ -172,3 +175,25 @@ def test_unknown_keyword_option_is_a_type_error() -> None:
 def test_options_are_keyword_only() -> None:
     with pytest.raises(TypeError, match="positional argument"):
         job(unique_name(), "default")  # type: ignore[misc]
+
+
+def test_a_callers_publish_errback_is_called_and_its_failed_try_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu calls the retry policy's errback before each new try. A caller's own errback is
+    called, and the try it saw still counts: a connection lost mid-publish makes the job
+    *maybe* queued, even though the last try was refused a connection."""
+    name = unique_name()
+    job(name)(body)
+    task = create_app(Settings(data_dir=tmp_path), set_as_current=False).tasks[name]
+
+    def kombu_retrying(self: Any, *args: Any, **options: Any) -> Any:
+        options["retry_policy"]["errback"](ConnectionResetError("lost mid-publish"), 0.0)
+        refused = ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+        raise OperationalError("connection refused") from refused
+
+    monkeypatch.setattr(Task, "apply_async", kombu_retrying)
+    seen: list[BaseException] = []
+    with pytest.raises(PublishNotConfirmed, match="lost while publishing"):
+        task.apply_async(retry_policy={"errback": lambda exc, interval: seen.append(exc)})
+    assert [type(exc) for exc in seen] == [ConnectionResetError]
