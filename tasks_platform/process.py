@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from pydantic import SecretStr
 
+from tasks_platform.history.shipper import PROCESS_NAME as WRITER_NAME
 from tasks_platform.settings import Settings
 
 READY_TIMEOUT = 60.0
@@ -105,12 +106,14 @@ class WorkerProcess:
         return self.process.pid
 
     def child_pids(self) -> list[int]:
-        """Pids of the pool processes (children of the main worker process)."""
-        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            return [int(pid) for pid in path.read_text().split()]
-        except OSError:
-            return []
+        """Pids of the pool processes (the main process's children but its history writer)."""
+        pids = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            try:
+                pids += [int(pid) for pid in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        return sorted(pid for pid in pids if _name(pid) not in (None, WRITER_NAME))
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool), as a host crash would."""
@@ -146,3 +149,11 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _name(pid: int) -> str | None:
+    """The process's ``comm`` (None if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None

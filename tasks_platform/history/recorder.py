@@ -399,6 +399,13 @@ def _worker_starting(sender: Any = None, **_: Any) -> None:
         _writer_owner = _writer.owner
 
 
+def forget_writer() -> None:
+    """In the history writer process, a fork of the worker's main process: it writes the
+    history itself, and is the writer of no worker."""
+    global _writer_owner, _writer  # noqa: PLW0603 - facts about this process
+    _writer_owner = _writer = None
+
+
 def _worker_stopping(**_: Any) -> None:
     """In a worker's main process, once its pool has stopped: write what is left and let the
     writer process write everything (its segments are complete now)."""

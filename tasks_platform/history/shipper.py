@@ -17,29 +17,30 @@ transition twice changes nothing). When the worker stops, the main process waits
 process to write everything; a worker killed outright leaves its segments for the next
 process on the host that catches up (:meth:`~tasks_platform.history.journal.Journal.claim`).
 
-Run as ``python -m tasks_platform.history.shipper --owner PID`` with the worker's ``TASKS_*``
-environment; :class:`WriterProcess` does that.
+:class:`WriterProcess` starts it, as a fork of the worker's main process.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 import os
+import select
 import signal
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import Engine
 
+from tasks_platform.history import recorder as recorder_module
 from tasks_platform.history.journal import Segment, alive, parse
 from tasks_platform.history.recorder import Recorder
 from tasks_platform.history.writer import Transition
-from tasks_platform.process import settings_env
 from tasks_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ _MAX_BACKOFF = 5.0
 _GIVE_UP_AFTER = 30.0
 #: how much lower this process's CPU priority is than the worker's
 NICENESS = 10
-#: what the worker's main process writes to this process's standard input when it is done
+#: what the worker's main process says to this process when it is done
 STOP = b"stop"
+#: the writer process's name (``comm``), as ps and top show it
+PROCESS_NAME = "history-writer"
 
 
 @dataclass
@@ -181,15 +184,24 @@ def _size(path: Path) -> int:
 
 
 class WriterProcess:
-    """The history writer process of the worker whose main process this is, kept running."""
+    """The history writer process of the worker whose main process this is, kept running.
+
+    The writer is a fork of the worker's main process (as Celery's pool processes are), started
+    before the pool: it has everything imported already, so it starts in milliseconds and
+    takes no CPU from the first jobs (a new interpreter spent about a second importing).
+    """
 
     def __init__(self, settings: Settings, *, stop_timeout: float = 60.0) -> None:
         self.settings = settings
         self.owner = os.getpid()
         self.stop_timeout = stop_timeout
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ForkedProcess | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def start(self) -> WriterProcess:
         self._spawn()
@@ -197,11 +209,8 @@ class WriterProcess:
         return self
 
     def _spawn(self) -> None:
-        command = [sys.executable, "-m", "tasks_platform.history.shipper", "--owner",
-                   str(self.owner)]  # fmt: skip
-        env = {**os.environ, **settings_env(self.settings)}
         with self._lock:
-            self._process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+            self._process = ForkedProcess(_write, self.settings, self.owner)
 
     def _supervise(self) -> None:
         """Start the writer again should it end while the worker runs (its segments wait)."""
@@ -226,40 +235,92 @@ class WriterProcess:
             process = self._process
         if process is None or process.poll() is not None:
             return
-        assert process.stdin is not None
         try:
-            process.stdin.write(STOP)
-            process.stdin.close()
+            process.say(STOP)
         except OSError:  # it ended meanwhile
             return
-        try:
-            process.wait(self.stop_timeout)
-        except subprocess.TimeoutExpired:
+        if process.wait(self.stop_timeout) is None:
             logger.error("history writer process did not finish within %.0f s; it goes on "
                          "writing after the worker", self.stop_timeout)  # fmt: skip
 
 
-def _listen(shipper: Shipper) -> None:
-    """The worker's main process says ``stop`` on our standard input when it is done; an end
-    of input without it means that process is gone."""
-    said = sys.stdin.buffer.read()
-    (shipper.final if said.startswith(STOP) else shipper.orphaned).set()
-    shipper.wake.set()
+class ForkedProcess:
+    """``target(*args, said)`` in a fork of this process; ``said`` is a file that gives what
+    :meth:`say` writes, then an end of file (also when this process ends without saying).
+    The child ends with ``target``'s return value as exit code, running none of this process's
+    exit handlers; an exception in ``target`` is logged and ends it with 1."""
+
+    def __init__(self, target: Callable[..., int], *args: object) -> None:
+        said_r, said_w = os.pipe()
+        ended_r, ended_w = os.pipe()  # closed only by the child's end: readable (EOF) then
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (the tests see what it does)
+            code = 1
+            try:
+                os.close(said_w)
+                os.close(ended_r)
+                with os.fdopen(said_r, "rb") as said:
+                    code = target(*args, said)
+            except BaseException:
+                logger.exception("%s failed", getattr(target, "__name__", target))
+            finally:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(said_r)
+        os.close(ended_w)
+        self.pid = pid
+        self.returncode: int | None = None
+        self._said = os.fdopen(said_w, "wb", buffering=0)
+        self._ended = ended_r
+        self._lock = threading.Lock()
+
+    def say(self, data: bytes) -> None:
+        """Write ``data`` to the child's ``said``, then the end of it."""
+        with self._said:
+            self._said.write(data)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The child's exit code once it ended; None if it still runs after ``timeout`` s."""
+        poller = select.poll()
+        poller.register(self._ended, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
+            return None
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:  # reaped by someone else: its code is unknown
+                    self.returncode = -1
+                os.close(self._ended)
+                with contextlib.suppress(OSError):
+                    self._said.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.wait(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The history writer process of a worker.")
-    parser.add_argument("--owner", type=int, required=True, help="the worker's main process id")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s: %(levelname)s/history "
-                        "writer] %(message)s")  # fmt: skip
-    # only the worker ends this process, once its processes are done: a SIGTERM sent to the
-    # whole group (systemd, Ctrl-C) reaches jobs still running, which have history to come
+def _write(settings: Settings, owner: int, said: BinaryIO) -> int:
+    """The writer process: write worker ``owner``'s history until it says stop (or ends)."""
+    # a copy of the worker's main process: none of its signal handlers (Celery's warm and cold
+    # shutdown, restart ...) apply here, and only the worker ends this process, once its
+    # processes are done: a SIGTERM sent to the whole group (systemd, Ctrl-C) reaches jobs
+    # still running, which have history to come
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    recorder_module.forget_writer()  # this process writes; it ships to no one
+    with contextlib.suppress(OSError):  # its name in ps and top (Linux), not the worker's
+        Path("/proc/self/comm").write_text(PROCESS_NAME)
     os.nice(NICENESS)  # the jobs first: the history waits on disk meanwhile
-    shipper = Shipper(Settings(), owner=args.owner)
-    threading.Thread(target=_listen, args=(shipper,), daemon=True).start()
+    shipper = Shipper(settings, owner=owner)
+    threading.Thread(target=_listen, args=(shipper, said), daemon=True).start()
     try:
         shipper.run()
     finally:
@@ -267,5 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _listen(shipper: Shipper, said: BinaryIO) -> None:
+    """The worker's main process says ``stop`` when it is done; an end of input without it
+    means that process is gone."""
+    data = said.read()
+    (shipper.final if data.startswith(STOP) else shipper.orphaned).set()
+    shipper.wake.set()

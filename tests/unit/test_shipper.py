@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,8 @@ from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.journal import Journal
 from tasks_platform.history.models import JobEvent, JobState
 from tasks_platform.history.recorder import Recorder
-from tasks_platform.history.shipper import STOP, Shipper
+from tasks_platform.history.shipper import Shipper, WriterProcess
 from tasks_platform.history.writer import Transition
-from tasks_platform.process import settings_env
 from tasks_platform.settings import Settings
 
 #: the worker whose writer the tests play: this test process itself (alive)
@@ -230,20 +231,42 @@ def test_the_writer_process_writes_everything_when_its_worker_says_stop(
     recorder.record(_started("j"))
     recorder.record(_succeeded("j"))
     recorder._stop_shipping()
-    writer = subprocess.Popen(
-        [sys.executable, "-m", "tasks_platform.history.shipper", "--owner", str(OWNER)],
-        env={**os.environ, **settings_env(settings)}, stdin=subprocess.PIPE,
-    )  # fmt: skip
-    assert writer.stdin is not None
-    writer.stdin.write(STOP)
-    writer.stdin.close()
-    assert writer.wait(60) == 0
+    writer = WriterProcess(settings).start()  # a fork of this process (its worker)
+    process = writer._process
+    assert process is not None
+    writer.stop()
+    assert process.poll() == 0
     engine = create_history_engine(settings)
     try:
         assert row(engine, "j").state == "succeeded"
     finally:
         engine.dispose()
     assert recorder.journal.segments(OWNER) == []
+
+
+def test_a_writer_process_that_dies_is_started_again_and_writes_what_waited(
+    tmp_path: Path, shipping: None
+) -> None:
+    settings = Settings(data_dir=tmp_path / "worker", history_flush_interval=0.1)
+    writer = WriterProcess(settings).start()
+    try:
+        first = writer.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        recorder = Recorder(settings)
+        recorder.record(_started("j"))  # in the segment meanwhile: it waits for the next one
+        deadline = time.monotonic() + 30
+        while writer.pid == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert writer.pid != first, "the writer process was not started again"
+        recorder._stop_shipping()
+    finally:
+        writer.stop()
+    engine = create_history_engine(settings)
+    try:
+        assert row(engine, "j").state == "started"
+    finally:
+        engine.dispose()
 
 
 def test_a_report_waiting_goes_out_with_the_next_transition_of_its_process(
