@@ -92,3 +92,27 @@ def test_a_batch_on_a_table_never_analyzed_reads_jobs_by_index_only(engine: Engi
         session.execute(text("SET LOCAL enable_seqscan = off"))
         apply_transitions(session, batch[:10])
         assert session.scalar(text("SHOW enable_seqscan")) == "off"
+
+
+def test_a_batch_of_queued_only_is_merged_into_the_rows_already_there(engine: Engine) -> None:
+    """A producer's batch (new jobs, mostly): the rows already there (a worker wrote first,
+    or a dead job is replayed) are merged into, forward-only, as in any batch."""
+    write(engine, Transition("done", JobState.STARTED, 1, T0 + 1, worker="w1"),
+          Transition("done", JobState.SUCCEEDED, 1, T0 + 2))  # fmt: skip
+    write(engine, Transition("dead", JobState.DEAD, 1, T0 + 3, facts={"dead_reason": "x"}))
+    facts = {"name": "demo.work"}
+    write(engine, Transition("done", JobState.QUEUED, 1, T0, facts=facts),
+          Transition("dead", JobState.QUEUED, 1, T0 + 4, replays=1, facts=facts),
+          Transition("new", JobState.QUEUED, 1, T0, facts=facts))  # fmt: skip
+
+    done = row(engine, "done")
+    assert (done.state, done.name, done.worker, done.wait_seconds) == (
+        "succeeded", "demo.work", "w1", 1.0)  # fmt: skip
+    assert done.queued_at is not None
+    assert as_utc(done.queued_at).timestamp() == T0
+    dead = row(engine, "dead")
+    assert (dead.state, dead.name, dead.finished_at) == ("queued", "demo.work", None)
+    assert (row(engine, "new").state, row(engine, "new").name) == ("queued", "demo.work")
+    with Session(engine) as session:
+        events = session.scalars(select(JobEvent.state).where(JobEvent.job_id == "done"))
+        assert sorted(events) == ["queued", "started", "succeeded"]
