@@ -330,7 +330,8 @@ def _write(settings: Settings, owner: int, said: BinaryIO) -> int:
 
 def _listen(shipper: Shipper, said: BinaryIO) -> None:
     """The worker's main process says ``stop`` when it is done; an end of input without it
-    means that process is gone."""
-    data = said.read()
+    means that process is gone. Only those bytes are waited for: the worker's pool processes,
+    forked after this one, hold the pipe open too, so its end may come later."""
+    data = said.read(len(STOP))
     (shipper.final if data.startswith(STOP) else shipper.orphaned).set()
     shipper.wake.set()
