@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from base64 import b64encode
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -198,14 +197,23 @@ def _validate(
 
 
 def _new_ids(count: int) -> list[str]:
-    """``count`` random (version 4) UUIDs, as ``uuid4()`` makes them, from one read of the
-    system's randomness (not one per id: on a loaded machine each read is a costly syscall)."""
-    return [str(value) for value in _uuids(count)]
+    """``count`` random (version 4) UUIDs, in the form ``str(uuid4())`` gives, from one read of
+    the system's randomness (not one per id: on a loaded machine each read is a costly syscall)
+    and without a ``UUID`` object per id (about 3.5 µs each, three ids per job: a tenth of a
+    bulk submission's time)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(byte & 0x0F | 0x40 for byte in raw[6::16])  # version 4
+    raw[8::16] = bytes(byte & 0x3F | 0x80 for byte in raw[8::16])  # the RFC 4122 variant
+    digits = raw.hex()
+    return [f"{digits[at:at + 8]}-{digits[at + 8:at + 12]}-{digits[at + 12:at + 16]}-"
+            f"{digits[at + 16:at + 20]}-{digits[at + 20:at + 32]}"
+            for at in range(0, 32 * count, 32)]  # fmt: skip
 
 
-def _uuids(count: int) -> list[uuid.UUID]:
-    raw = os.urandom(16 * count)
-    return [uuid.UUID(bytes=raw[n * 16 : n * 16 + 16], version=4) for n in range(count)]
+def _random_hex(count: int) -> list[str]:
+    """``count`` strings of 32 random hex digits (event ids, as :class:`Transition` makes)."""
+    digits = os.urandom(16 * count).hex()
+    return [digits[at : at + 32] for at in range(0, 32 * count, 32)]
 
 
 class _Batch:
@@ -261,11 +269,11 @@ class _Batch:
             {"properties": {"priority": priority}}, reverse=False
         ))  # fmt: skip
         delivery_info = {"exchange": "", "routing_key": name}
-        tags = _uuids(len(self.items))
+        tags = _new_ids(len(self.items))
         envelopes = []
         for (headers, properties, body), tag in zip(self._messages(), tags, strict=True):
             properties.update(delivery_mode=2, delivery_info=delivery_info, priority=priority,
-                              body_encoding="base64", delivery_tag=str(tag))  # fmt: skip
+                              body_encoding="base64", delivery_tag=tag)  # fmt: skip
             envelopes.append(_dumps({
                 "body": b64encode(str(kombu_json.dumps(body)).encode()).decode(),
                 "content-encoding": "utf-8",
@@ -343,11 +351,11 @@ class _Batch:
         # what every job of the batch shares, once; then each one's redacted payload
         common = recorder.job_facts(app, self.task.name, (), {}, self.headers)
         common["queue"] = self.task.family
-        event_ids = _uuids(len(self.items))
+        event_ids = _random_hex(len(self.items))
         for item, redacted, event in zip(self.items, self.redacted, event_ids, strict=True):
             facts = {**common, "kwargs": redacted}
             recorder.record(app, Transition(item.id, JobState.QUEUED, 1, at, facts=facts,
-                                            event_id=event.hex))  # fmt: skip
+                                            event_id=event))  # fmt: skip
 
 
 def _dumps(value: Any) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks_platform.bulk import _Confirms, _new_ids
+from tasks_platform.bulk import _Confirms, _new_ids, _random_hex
 from tasks_platform.errors import PublishNotConfirmed
 
 
@@ -19,6 +19,14 @@ def test_bulk_ids_are_distinct_random_uuids() -> None:
         parsed = uuid.UUID(value)
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == value  # as str(uuid4()) writes it
+    assert _new_ids(0) == []
+
+
+def test_bulk_event_ids_are_distinct_32_hex_digits() -> None:
+    ids = _random_hex(500)
+    assert len(set(ids)) == 500
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in ids)
 
 
 class ScriptedChannel:
