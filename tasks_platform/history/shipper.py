@@ -237,7 +237,7 @@ class WriterProcess:
             return
         try:
             process.say(STOP)
-        except OSError:  # it ended meanwhile
+        except (OSError, ValueError):  # it ended meanwhile, or was told already
             return
         if process.wait(self.stop_timeout) is None:
             logger.error("history writer process did not finish within %.0f s; it goes on "
@@ -277,30 +277,35 @@ class ForkedProcess:
         self._lock = threading.Lock()
 
     def say(self, data: bytes) -> None:
-        """Write ``data`` to the child's ``said``, then the end of it."""
+        """Write ``data`` to the child's ``said``, then the end of it (once)."""
         with self._said:
             self._said.write(data)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The child's exit code once it ended; None if it still runs after ``timeout`` s."""
-        poller = select.poll()
-        poller.register(self._ended, select.POLLIN)
-        if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
-            return None
-        with self._lock:
-            if self.returncode is None:
-                try:
-                    _, status = os.waitpid(self.pid, 0)
-                    self.returncode = os.waitstatus_to_exitcode(status)
-                except ChildProcessError:  # reaped by someone else: its code is unknown
-                    self.returncode = -1
-                os.close(self._ended)
-                with contextlib.suppress(OSError):
-                    self._said.close()
+        if self.returncode is None:
+            poller = select.poll()
+            poller.register(self._ended, select.POLLIN)
+            if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
+                return None
+            with self._lock:
+                if self.returncode is None:
+                    try:
+                        _, status = os.waitpid(self.pid, 0)
+                        self.returncode = os.waitstatus_to_exitcode(status)
+                    except ChildProcessError:  # reaped by someone else: its code is unknown
+                        self.returncode = -1
         return self.returncode
 
     def poll(self) -> int | None:
         return self.wait(0)
+
+    def __del__(self) -> None:
+        # closed only now: another thread may be waiting on them until then
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._ended)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self._said.close()
 
 
 def _write(settings: Settings, owner: int, said: BinaryIO) -> int:
