@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from tcp_proxy import TcpProxy
 
 from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.models import TERMINAL_STATES, Base, Job, JobEvent
+from tasks_platform.history.shipper import PROCESS_NAME as WRITER_NAME
 
 BROKERS = ["redis", "rabbitmq"]
 
@@ -191,6 +194,40 @@ def test_thousand_jobs_on_two_workers_give_a_thousand_terminal_rows(
             ).all()  # fmt: skip
         assert all(count == 1 for _, _, count in per_job)  # no transition written twice
         assert len(per_job) == 3000  # queued, started, succeeded each
+
+
+def test_the_writer_of_a_killed_worker_writes_what_it_was_given_and_ends(tmp_path: Path) -> None:
+    """The history writer process is a fork of the worker's main process: when that process is
+    SIGKILLed (its pool processes end with it), the writer writes what the segments hold and
+    ends; it is no process of a dead worker left running."""
+    with history_platform("redis", tmp_path) as platform:
+        worker = platform.worker(concurrency=1)
+        assert worker.process is not None
+        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+        writers = [int(pid) for pid in children if _comm(int(pid)) == WRITER_NAME]
+        assert len(writers) == 1, f"one history writer among the worker's children {children}"
+        runs = platform.runs()
+        job = platform.task("demo.work").delay(label="last", record_to=str(runs.path))
+        wait_for(lambda: runs.dones("last"), 60, what="the job to succeed")
+
+        os.kill(worker.pid, signal.SIGKILL)  # the main process only, at once
+        worker.process.wait(10)
+
+        wait_for(lambda: _comm(writers[0]) is None, 30, what="the writer process to end")
+        found, events = _job(platform, job.id)
+        assert found is not None
+        assert found.state == "succeeded"
+        assert [state for state, _ in _states(events)][-2:] == ["started", "succeeded"]
+
+
+def _comm(pid: int) -> str | None:
+    """The name of process ``pid``; None once it is gone (or a zombie: it ended)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, state = status[status.index("(") + 1 : status.rindex(")")], status.rsplit(")", 1)[1]
+    return None if state.split()[0] in ("Z", "X") else name
 
 
 def test_database_outage_loses_no_history(tmp_path: Path) -> None:
