@@ -107,13 +107,21 @@ class WorkerProcess:
 
     def child_pids(self) -> list[int]:
         """Pids of the pool processes (the main process's children but its history writer)."""
+        return [pid for pid in self._children() if process_name(pid) not in (None, WRITER_NAME)]
+
+    def writer_pids(self) -> list[int]:
+        """Pid of the history writer process (one, if the history is written ahead)."""
+        return [pid for pid in self._children() if process_name(pid) == WRITER_NAME]
+
+    def _children(self) -> list[int]:
+        """Pids of the main process's children (forked by any of its threads)."""
         pids = []
         for task in Path(f"/proc/{self.pid}/task").glob("*"):
             try:
                 pids += [int(pid) for pid in (task / "children").read_text().split()]
             except OSError:
                 continue
-        return sorted(pid for pid in pids if _name(pid) not in (None, WRITER_NAME))
+        return sorted(pids)
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool), as a host crash would."""
@@ -151,9 +159,11 @@ class WorkerProcess:
         self.stop()
 
 
-def _name(pid: int) -> str | None:
-    """The process's ``comm`` (None if it is gone)."""
+def process_name(pid: int) -> str | None:
+    """The process's name (``comm``); None once it has ended (gone, or a zombie)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 1 :]
+    return None if rest.split()[0] in ("Z", "X") else name

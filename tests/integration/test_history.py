@@ -20,7 +20,7 @@ from tcp_proxy import TcpProxy
 
 from tasks_platform.history.database import create_history_engine
 from tasks_platform.history.models import TERMINAL_STATES, Base, Job, JobEvent
-from tasks_platform.history.shipper import PROCESS_NAME as WRITER_NAME
+from tasks_platform.process import process_name
 
 BROKERS = ["redis", "rabbitmq"]
 
@@ -203,9 +203,8 @@ def test_the_writer_of_a_killed_worker_writes_what_it_was_given_and_ends(tmp_pat
     with history_platform("redis", tmp_path) as platform:
         worker = platform.worker(concurrency=1)
         assert worker.process is not None
-        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
-        writers = [int(pid) for pid in children if _comm(int(pid)) == WRITER_NAME]
-        assert len(writers) == 1, f"one history writer among the worker's children {children}"
+        writers = worker.writer_pids()
+        assert len(writers) == 1, f"one history writer among the worker's children {writers}"
         runs = platform.runs()
         job = platform.task("demo.work").delay(label="last", record_to=str(runs.path))
         wait_for(lambda: runs.dones("last"), 60, what="the job to succeed")
@@ -213,21 +212,11 @@ def test_the_writer_of_a_killed_worker_writes_what_it_was_given_and_ends(tmp_pat
         os.kill(worker.pid, signal.SIGKILL)  # the main process only, at once
         worker.process.wait(10)
 
-        wait_for(lambda: _comm(writers[0]) is None, 30, what="the writer process to end")
+        wait_for(lambda: process_name(writers[0]) is None, 30, what="the writer process to end")
         found, events = _job(platform, job.id)
         assert found is not None
         assert found.state == "succeeded"
         assert [state for state, _ in _states(events)][-2:] == ["started", "succeeded"]
-
-
-def _comm(pid: int) -> str | None:
-    """The name of process ``pid``; None once it is gone (or a zombie: it ended)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    name, state = status[status.index("(") + 1 : status.rindex(")")], status.rsplit(")", 1)[1]
-    return None if state.split()[0] in ("Z", "X") else name
 
 
 def test_database_outage_loses_no_history(tmp_path: Path) -> None:
