@@ -196,6 +196,28 @@ def test_thousand_jobs_on_two_workers_give_a_thousand_terminal_rows(
         assert len(per_job) == 3000  # queued, started, succeeded each
 
 
+def test_the_throughput_profile_runs_each_job_once_and_records_it(tmp_path: Path) -> None:
+    """Two solo workers with 32 jobs each in flight take jobs in batches from Redis (one round
+    trip per batch): every job runs once, and the history has every one of them."""
+    with history_platform("redis", tmp_path, prefetch_multiplier=32, task_events=False) as platform:
+        runs = platform.runs()
+        task = platform.task("demo.work")
+        ids = {task.delay(label=f"j{i}", record_to=str(runs.path)).id for i in range(600)}
+        for _ in range(2):  # started on a full queue: batches from the first fetch
+            platform.worker(pool="solo", concurrency=1, queues=["default"])
+
+        def all_succeeded() -> bool:
+            with _session(platform) as session:
+                states = session.execute(sqlalchemy.select(Job.id, Job.state)).all()
+            return len(states) == 600 and all(state == "succeeded" for _, state in states)
+
+        wait_for(all_succeeded, 120, what="600 succeeded rows", interval=0.5)
+        labels = [line[0] for line in runs.dones()]
+        assert sorted(labels) == sorted(f"j{i}" for i in range(600))  # each ran once
+        with _session(platform) as session:
+            assert set(session.scalars(sqlalchemy.select(Job.id))) == ids
+
+
 def test_the_writer_of_a_killed_worker_writes_what_it_was_given_and_ends(tmp_path: Path) -> None:
     """The history writer process is a fork of the worker's main process: when that process is
     SIGKILLed (its pool processes end with it), the writer writes what the segments hold and
