@@ -96,8 +96,11 @@ def drain(system: System, jobs: int) -> dict[str, float]:
     system.start_workers()
     seconds = time_drain(system.outstanding, jobs, alive=system.workers.alive)
     rss = peak_rss_bytes(system.workers.pids())
-    return {"enqueue_per_second": jobs / enqueue_seconds, "drain_per_second": jobs / seconds,
-            "drain_seconds": seconds, "peak_rss_bytes": rss}  # fmt: skip
+    figures = {"enqueue_per_second": jobs / enqueue_seconds, "drain_per_second": jobs / seconds,
+               "drain_seconds": seconds, "peak_rss_bytes": rss}  # fmt: skip
+    if isinstance(system, Platform):  # every job ran, and when its history said so
+        figures["history_lag_seconds"] = system.wait_history(jobs)
+    return figures
 
 
 def bulk_rate(system: Platform, jobs: int) -> float:
@@ -286,6 +289,11 @@ def _drain_rows(table: Rows, broker: str) -> None:
         table.add("drain, throughput profile", broker, "platform, profile",
                   (profile, "drain_per_second"), ("Dramatiq", dramatiq, "drain_per_second"),
                   "jobs/s", TARGETS["profile_vs_dramatiq"])  # fmt: skip
+    for name in (f"drain/{broker}/platform", profile):
+        if name in table.runs:
+            table.add("history caught up after the drain", broker, name.split("/", 2)[2],
+                      (name, "history_lag_seconds"), ("its drain", name, "drain_seconds"),
+                      "s")  # fmt: skip
     for name in sorted(n for n in table.runs if n.startswith(f"drain/{broker}/")):
         table.add("worker peak RSS", broker, name.split("/", 2)[2], (name, "peak_rss_bytes"),
                   ("bare Celery", bare[1], "peak_rss_bytes"), "MiB", scale=2**-20)  # fmt: skip

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from common import RABBITMQ_URL, worker_env
+from sqlalchemy.pool import NullPool
 
 from tasks_platform.application import PlatformCelery, create_app
 from tasks_platform.bulk import submit_many
@@ -141,6 +144,26 @@ class Platform(System):
 
     def flush_history(self) -> None:
         recorder.close_all()  # the producer's `queued` transitions, written before timing
+
+    def wait_history(self, jobs: int, timeout: float = 120) -> float:
+        """Seconds until the history shows ``jobs`` jobs succeeded (each drain starts on an
+        empty history); an error if it never does: a job acknowledged but not run."""
+        started = time.monotonic()
+        engine = sa.create_engine(self.settings.effective_database_url, poolclass=NullPool)
+        query = sa.text("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+        try:
+            while True:
+                with engine.connect() as connection:
+                    done = int(connection.execute(query).scalar_one())
+                if done >= jobs:
+                    return time.monotonic() - started
+                if time.monotonic() - started > timeout:
+                    raise RuntimeError(f"{self.label}: the history shows {done:,} of "
+                                       f"{jobs:,} jobs succeeded {timeout:.0f} s after the "
+                                       "drain")  # fmt: skip
+                time.sleep(0.1)
+        finally:
+            engine.dispose()
 
     def start_workers(self) -> None:
         profile = self.profile or {"workers": 1, "pool": "prefork", "concurrency": 2, "args": []}
