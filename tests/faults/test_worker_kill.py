@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from faults.scenario import Workload, fault_platform
 
@@ -57,4 +58,29 @@ def test_workers_killed_repeatedly_lose_no_job_and_apply_each_effect_once(
 
         work.wait_finished(timeout=90)
         # a job may run again only if every earlier run of it was in a killed process
+        work.check(duplicate_allowed=lambda runs: all(r[2] in killed for r in runs[:-1]))
+
+
+def test_a_throughput_profile_worker_killed_mid_batch_loses_no_job(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A solo worker with 32 jobs in flight takes them from Redis in batches, each job on the
+    books (the unacknowledged hash) before any of the batch runs: SIGKILLed with a batch in
+    hand, its jobs come back after the visibility timeout, and run on another worker."""
+    private = {"broker_url": request.getfixturevalue("private_redis").url}
+    profile = {"prefetch_multiplier": 32, "task_events": False}
+    with fault_platform("redis", tmp_path, **private, **SETTINGS, **profile) as platform:
+        work = Workload(platform, "profile-kill", jobs=300, duration=0.02)
+        work.submit_all()  # on the queue before the victim starts: it fetches full batches
+        killed: set[str] = set()
+        for round_ in range(ROUNDS // 2):
+            victim = platform.worker(pool="solo", concurrency=1)
+            ran = 40 * (round_ + 1)
+            wait_for(lambda ran=ran: work.done() > ran, 60, what="the victim to run jobs")
+            killed.add(str(victim.pid))
+            victim.kill()
+            work.faults.append("throughput-profile worker SIGKILLed mid-batch")
+        platform.worker(pool="solo", concurrency=1)
+
+        work.wait_finished(timeout=90)
         work.check(duplicate_allowed=lambda runs: all(r[2] in killed for r in runs[:-1]))
