@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -324,5 +325,35 @@ def test_a_worker_told_to_stop_gets_no_more_of_a_batch_and_the_rest_go_back() ->
             got[0].ack()
         finally:
             worker_state.should_stop = None
+            _forget(client, queue)
+            client.close()
+
+
+def test_a_batch_that_runs_long_renews_the_visibility_of_the_jobs_still_waiting() -> None:
+    require_service("redis", REDIS_URL)
+    queue = _batch_queue("renew")
+    client = redis.Redis.from_url(REDIS_URL)
+    began: list[float] = []
+    scores: list[float] = []
+
+    def take(body: Any, message: Any) -> None:  # a job of 0.15 s, run as it is delivered
+        began.append(time.time())
+        scores.append(client.zscore(channel.qos.unacked_index_key, message.delivery_tag) or 0.0)
+        time.sleep(0.15)
+        message.ack()
+
+    options = {"priority_steps": list(REDIS_PRIORITY_STEPS), "queue_order_strategy": "priority",
+               "visibility_timeout": 0.4}  # fmt: skip
+    with Connection(REDIS_URL, transport=Transport, transport_options=options) as connection:
+        try:
+            channel = connection.default_channel
+            queue(channel).declare()
+            _publish(connection, queue, list(range(5)))
+            with connection.Consumer(queue, callbacks=[take], prefetch_count=8):
+                connection.drain_events(timeout=5)  # one batch of five, 0.75 s: renewed twice
+            assert len(began) == 5
+            assert scores[0] <= began[0]  # as fetched
+            assert scores[-1] >= began[1]  # the last one's lease was renewed while it waited
+        finally:
             _forget(client, queue)
             client.close()
