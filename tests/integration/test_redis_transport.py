@@ -6,7 +6,9 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -134,143 +136,129 @@ def test_a_channel_collected_after_its_connection_was_lost_leaves_its_jobs_to_re
         client.close()
 
 
-def _batch_queue(prefix: str) -> Queue:
+@dataclass
+class Batching:
+    """A queue on a connection with the platform's Redis transport options, and a client."""
+
+    connection: Connection
+    channel: Any
+    queue: Queue
+    client: redis.Redis
+
+    def publish(self, numbers: list[int], priority: int = 0) -> None:
+        producer = self.connection.Producer(self.channel)
+        for n in numbers:
+            producer.publish({"n": n}, exchange=self.queue.exchange, serializer="json",
+                             routing_key=self.queue.routing_key, priority=priority)  # fmt: skip
+
+    def consume(self, prefetch: int, count: int, *, ack: bool = False) -> list[Any]:
+        """``count`` messages, acknowledged as they come or not at all."""
+        got: list[Any] = []
+
+        def take(body: Any, message: Any) -> None:
+            got.append(message)
+            if ack:
+                message.ack()
+
+        with self.connection.Consumer(self.queue, callbacks=[take], prefetch_count=prefetch):
+            while len(got) < count:
+                self.connection.drain_events(timeout=5)
+        return got
+
+    def on_the_books(self, got: list[Any]) -> list[int]:
+        """The numbers of this queue's jobs in the unacknowledged hash (other tests share it),
+        checking that each of them was delivered (is in ``got``) and none is still waiting."""
+        numbers = {message.delivery_tag: message.payload["n"] for message in got}
+        waiting = self.client.lrange(self.queue.name, 0, -1)
+        waiting_tags = {
+            json.loads(m)["properties"]["delivery_tag"] for m in waiting if b"body" in m
+        }
+        recorded = [bytes_to_str(tag) for tag in self.client.hkeys(self.channel.qos.unacked_key)]
+        assert not waiting_tags & set(recorded)
+        return sorted(numbers[tag] for tag in recorded if tag in numbers)
+
+    def waiting(self) -> list[int]:
+        """The numbers of the jobs in the queue, the next one first."""
+        items = self.client.lrange(self.queue.name, 0, -1)
+        bodies = [json.loads(item)["body"] for item in reversed(items)]
+        return [json.loads(base64.b64decode(body))["n"] for body in bodies]
+
+
+@contextmanager
+def batching(prefix: str, **options: Any) -> Iterator[Batching]:
+    require_service("redis", REDIS_URL)
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    return Queue(name, Exchange(name, "direct"), routing_key=name, max_priority=9)
-
-
-def _platform_connection() -> Connection:
-    """A connection with the platform's Redis transport options (its priority steps)."""
-    options = {"priority_steps": list(REDIS_PRIORITY_STEPS), "queue_order_strategy": "priority"}
-    return Connection(REDIS_URL, transport=Transport, transport_options=options)
-
-
-def _forget(client: redis.Redis, queue: Queue) -> None:
-    left = client.keys(f"*{queue.name}*")
-    if left:
-        client.delete(*left)
-
-
-def _publish(connection: Connection, queue: Queue, numbers: list[int], priority: int = 0) -> None:
-    producer = connection.Producer(connection.default_channel)
-    for n in numbers:
-        producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.routing_key,
-                         serializer="json", priority=priority)  # fmt: skip
-
-
-def _on_the_books(client: redis.Redis, channel: Any, queue: Queue, got: list[Any]) -> list[int]:
-    """The numbers of the jobs of ``queue`` in the unacknowledged hash (other tests share it),
-    checking that every one of them was delivered (in ``got``)."""
-    tags = {message.delivery_tag: message.payload["n"] for message in got}
-    waiting = client.lrange(queue.name, 0, -1)
-    waiting_tags = {json.loads(m)["properties"]["delivery_tag"] for m in waiting if b"body" in m}
-    recorded = [bytes_to_str(tag) for tag in client.hkeys(channel.qos.unacked_key)]
-    assert not waiting_tags & set(recorded)
-    return sorted(tags[tag] for tag in recorded if tag in tags)
-
-
-def _consume(
-    connection: Connection, queue: Queue, prefetch: int, count: int, *, ack: bool = False
-) -> list[Any]:
-    """``count`` messages, acknowledged as they come or not at all."""
-    got: list[Any] = []
-
-    def take(body: Any, message: Any) -> None:
-        got.append(message)
-        if ack:
-            message.ack()
-
-    with connection.Consumer(queue, callbacks=[take], prefetch_count=prefetch):
-        while len(got) < count:
-            connection.drain_events(timeout=5)
-    return got
+    queue = Queue(name, Exchange(name, "direct"), routing_key=name, max_priority=9)
+    options = {"priority_steps": list(REDIS_PRIORITY_STEPS), "queue_order_strategy": "priority",
+               **options}  # fmt: skip
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        with Connection(REDIS_URL, transport=Transport, transport_options=options) as connection:
+            channel = connection.default_channel
+            queue(channel).declare()
+            yield Batching(connection, channel, queue, client)
+    finally:
+        left = client.keys(f"*{name}*")
+        if left:
+            client.delete(*left)
+        client.close()
 
 
 def test_a_consumer_allowed_several_jobs_takes_a_batch_per_round_trip_all_recorded() -> None:
-    require_service("redis", REDIS_URL)
-    queue = _batch_queue("fetch")
-    client = redis.Redis.from_url(REDIS_URL)
-    with _platform_connection() as connection:
-        try:
-            queue(connection.default_channel).declare()
-            _publish(connection, queue, list(range(12)))
-            got: list[Any] = []
-            channel = connection.default_channel
-            with connection.Consumer(queue, callbacks=[lambda body, m: got.append(m)],
-                                     prefetch_count=5):  # fmt: skip
-                connection.drain_events(timeout=5)  # one BRPOP: its message and four more
-                assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
-                assert client.llen(queue.name) == 7
-                # every one of them is on the books before any ran, as kombu records one
-                records = client.hgetall(channel.qos.unacked_key)
-                for message in got:
-                    raw, exchange, routing_key = json.loads(records[message.delivery_tag.encode()])
-                    assert raw == message._raw
-                    assert (exchange, routing_key) == (queue.name, queue.name)
-                    assert client.zscore(channel.qos.unacked_index_key, message.delivery_tag)
-                assert not channel.qos.can_consume()
-                for message in got:
-                    message.ack()
-                assert _on_the_books(client, channel, queue, got) == []
-                connection.drain_events(timeout=5)
-                assert [m.payload["n"] for m in got[5:]] == [5, 6, 7, 8, 9]
-                for message in got[5:]:
-                    message.ack()
-        finally:
-            _forget(client, queue)
-            client.close()
+    with batching("fetch") as b:
+        b.publish(list(range(12)))
+        got: list[Any] = []
+        with b.connection.Consumer(b.queue, callbacks=[lambda body, m: got.append(m)],
+                                   prefetch_count=5):  # fmt: skip
+            b.connection.drain_events(timeout=5)  # one BRPOP: its message and four more
+            assert [m.payload["n"] for m in got] == [0, 1, 2, 3, 4]
+            assert b.client.llen(b.queue.name) == 7
+            # every one of them is on the books before any ran, as kombu records one
+            records = b.client.hgetall(b.channel.qos.unacked_key)
+            for message in got:
+                raw, exchange, routing_key = json.loads(records[message.delivery_tag.encode()])
+                assert raw == message._raw
+                assert (exchange, routing_key) == (b.queue.name, b.queue.name)
+                assert b.client.zscore(b.channel.qos.unacked_index_key, message.delivery_tag)
+            assert not b.channel.qos.can_consume()
+            for message in got:
+                message.ack()
+            assert b.on_the_books(got) == []
+            b.connection.drain_events(timeout=5)
+            assert [m.payload["n"] for m in got[5:]] == [5, 6, 7, 8, 9]
+            for message in got[5:]:
+                message.ack()
 
 
 def test_a_batch_takes_jobs_in_the_order_one_by_one_consumption_would() -> None:
-    require_service("redis", REDIS_URL)
-    client = redis.Redis.from_url(REDIS_URL)
     orders = []
     for prefetch in (1, 20):  # one by one (kombu's path), then one batch
-        queue = _batch_queue("order")
-        with _platform_connection() as connection:
-            try:
-                queue(connection.default_channel).declare()
-                _publish(connection, queue, [0, 1, 2], priority=1)
-                _publish(connection, queue, [3, 4], priority=9)
-                _publish(connection, queue, [5, 6, 7], priority=5)
-                got = _consume(connection, queue, prefetch, 8, ack=True)
-                orders.append([m.payload["n"] for m in got])
-            finally:
-                _forget(client, queue)
-    client.close()
+        with batching("order") as b:
+            b.publish([0, 1, 2], priority=1)
+            b.publish([3, 4], priority=9)
+            b.publish([5, 6, 7], priority=5)
+            orders.append([m.payload["n"] for m in b.consume(prefetch, 8, ack=True)])
     assert orders[0] == orders[1]
     assert sorted(orders[0]) == list(range(8))
 
 
 def test_an_item_that_is_not_a_message_ends_the_batch_and_stays_where_it_was() -> None:
-    require_service("redis", REDIS_URL)
-    queue = _batch_queue("garbage")
-    client = redis.Redis.from_url(REDIS_URL)
-    with _platform_connection() as connection:
-        try:
-            channel = connection.default_channel
-            queue(channel).declare()
-            _publish(connection, queue, [0, 1])
-            client.lpush(queue.name, b"not a message")
-            client.lpush(queue.name, json.dumps({"properties": {"delivery_tag": 7}}))
-            _publish(connection, queue, [2])
-            got = _consume(connection, queue, 10, 2)
-            assert [m.payload["n"] for m in got] == [0, 1]
-            assert client.lrange(queue.name, 0, -1)[1:] == [
-                json.dumps({"properties": {"delivery_tag": 7}}).encode(), b"not a message"
-            ]  # fmt: skip
-            assert _on_the_books(client, channel, queue, got) == [0, 1]
-            for message in got:
-                message.ack()
-        finally:
-            _forget(client, queue)
-            client.close()
+    with batching("garbage") as b:
+        b.publish([0, 1])
+        b.client.lpush(b.queue.name, b"not a message")
+        b.client.lpush(b.queue.name, json.dumps({"properties": {"delivery_tag": 7}}))
+        b.publish([2])
+        got = b.consume(10, 2)
+        assert [m.payload["n"] for m in got] == [0, 1]
+        assert b.client.lrange(b.queue.name, 0, -1)[1:] == [
+            json.dumps({"properties": {"delivery_tag": 7}}).encode(), b"not a message"
+        ]  # fmt: skip
+        assert b.on_the_books(got) == [0, 1]
+        for message in got:
+            message.ack()
 
 
 def test_jobs_a_batch_took_that_no_consumer_got_go_back_to_the_front_of_their_queue() -> None:
-    require_service("redis", REDIS_URL)
-    queue = _batch_queue("handback")
-    client = redis.Redis.from_url(REDIS_URL)
     got: list[Any] = []
 
     def take(body: Any, message: Any) -> None:
@@ -278,82 +266,55 @@ def test_jobs_a_batch_took_that_no_consumer_got_go_back_to_the_front_of_their_qu
         if len(got) == 2:
             raise RuntimeError("the consumer failed")
 
-    with _platform_connection() as connection:
-        try:
-            channel = connection.default_channel
-            queue(channel).declare()
-            _publish(connection, queue, list(range(6)))
-            with (
-                connection.Consumer(queue, callbacks=[take], prefetch_count=5),
-                pytest.raises(RuntimeError, match="the consumer failed"),
-            ):
-                connection.drain_events(timeout=5)
-            assert [m.payload["n"] for m in got] == [0, 1]
-            assert _on_the_books(client, channel, queue, got) == [0, 1]  # not the rest
-            left = [json.loads(item)["body"] for item in client.lrange(queue.name, 0, -1)]
-            assert [json.loads(base64.b64decode(body))["n"] for body in reversed(left)] == [
-                2, 3, 4, 5
-            ]  # fmt: skip
-            assert not channel.qos.fetched
-            for message in got:
-                message.ack()
-        finally:
-            _forget(client, queue)
-            client.close()
+    with batching("handback") as b:
+        b.publish(list(range(6)))
+        with (
+            b.connection.Consumer(b.queue, callbacks=[take], prefetch_count=5),
+            pytest.raises(RuntimeError, match="the consumer failed"),
+        ):
+            b.connection.drain_events(timeout=5)
+        assert [m.payload["n"] for m in got] == [0, 1]
+        assert b.on_the_books(got) == [0, 1]  # not the rest
+        assert b.waiting() == [2, 3, 4, 5]
+        assert not b.channel.qos.fetched
+        for message in got:
+            message.ack()
 
 
 def test_a_worker_told_to_stop_gets_no_more_of_a_batch_and_the_rest_go_back() -> None:
-    require_service("redis", REDIS_URL)
-    queue = _batch_queue("stopping")
-    client = redis.Redis.from_url(REDIS_URL)
     got: list[Any] = []
 
     def take(body: Any, message: Any) -> None:
         got.append(message)
         worker_state.should_stop = 0  # a warm shutdown (exit code 0) while a job runs
 
-    with _platform_connection() as connection:
-        try:
-            channel = connection.default_channel
-            queue(channel).declare()
-            _publish(connection, queue, list(range(4)))
-            with connection.Consumer(queue, callbacks=[take], prefetch_count=8):
-                connection.drain_events(timeout=5)
+    try:
+        with batching("stopping") as b:
+            b.publish(list(range(4)))
+            with b.connection.Consumer(b.queue, callbacks=[take], prefetch_count=8):
+                b.connection.drain_events(timeout=5)
             assert [m.payload["n"] for m in got] == [0]
-            assert _on_the_books(client, channel, queue, got) == [0]
-            assert client.llen(queue.name) == 3
+            assert b.on_the_books(got) == [0]
+            assert b.waiting() == [1, 2, 3]
             got[0].ack()
-        finally:
-            worker_state.should_stop = None
-            _forget(client, queue)
-            client.close()
+    finally:
+        worker_state.should_stop = None
 
 
 def test_a_batch_that_runs_long_renews_the_visibility_of_the_jobs_still_waiting() -> None:
-    require_service("redis", REDIS_URL)
-    queue = _batch_queue("renew")
-    client = redis.Redis.from_url(REDIS_URL)
     began: list[float] = []
     scores: list[float] = []
 
     def take(body: Any, message: Any) -> None:  # a job of 0.15 s, run as it is delivered
         began.append(time.time())
-        scores.append(client.zscore(channel.qos.unacked_index_key, message.delivery_tag) or 0.0)
+        scores.append(b.client.zscore(b.channel.qos.unacked_index_key, message.delivery_tag) or 0)
         time.sleep(0.15)
         message.ack()
 
-    options = {"priority_steps": list(REDIS_PRIORITY_STEPS), "queue_order_strategy": "priority",
-               "visibility_timeout": 0.4}  # fmt: skip
-    with Connection(REDIS_URL, transport=Transport, transport_options=options) as connection:
-        try:
-            channel = connection.default_channel
-            queue(channel).declare()
-            _publish(connection, queue, list(range(5)))
-            with connection.Consumer(queue, callbacks=[take], prefetch_count=8):
-                connection.drain_events(timeout=5)  # one batch of five, 0.75 s: renewed twice
-            assert len(began) == 5
-            assert scores[0] <= began[0]  # as fetched
-            assert scores[-1] >= began[1]  # the last one's lease was renewed while it waited
-        finally:
-            _forget(client, queue)
-            client.close()
+    with batching("renew", visibility_timeout=0.4) as b:
+        b.publish(list(range(5)))
+        with b.connection.Consumer(b.queue, callbacks=[take], prefetch_count=8):
+            b.connection.drain_events(timeout=5)  # one batch of five, 0.75 s: renewed twice
+        assert len(began) == 5
+        assert scores[0] <= began[0]  # as fetched
+        assert scores[-1] >= began[1]  # the last one's lease was renewed while it waited
