@@ -37,9 +37,8 @@ from typing import BinaryIO
 
 from sqlalchemy import Engine
 
-from tasks_platform.history import recorder as recorder_module
 from tasks_platform.history.journal import Segment, alive, parse
-from tasks_platform.history.recorder import Recorder
+from tasks_platform.history.recorder import Recorder, forget_writer
 from tasks_platform.history.writer import Transition
 from tasks_platform.settings import Settings
 
@@ -320,7 +319,7 @@ def _write(settings: Settings, owner: int, said: BinaryIO) -> int:
                 signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    recorder_module.forget_writer()  # this process writes; it ships to no one
+    forget_writer()  # this process writes; it ships to no one
     with contextlib.suppress(OSError):  # its name in ps and top (Linux), not the worker's
         Path("/proc/self/comm").write_text(PROCESS_NAME)
     os.nice(NICENESS)  # the jobs first: the history waits on disk meanwhile
