@@ -35,8 +35,9 @@ The messages are delivered one after the other; a worker told to stop (a solo po
 job as it is delivered) gets no more of them, and the rest go back to the front of their
 queues at once, as do those after a consumer that failed. A batch that runs long (a solo pool
 runs its jobs one after the other, and the worker's timers wait meanwhile) renews the
-visibility of the jobs still waiting, and sends the acknowledgements of those that ran, every
-quarter of the visibility timeout, so that no other worker's sweep hands them out again.
+visibility of the jobs still waiting, and sends the acknowledgements of those that ran, as
+often as a worker renews its own leases (:func:`~tasks_platform.visibility.renewal_interval`),
+so that no other worker's sweep hands them out again.
 With the platform's default (prefetch 1) nothing changes: one ``BRPOP`` and one pipeline per
 job.
 """
@@ -53,13 +54,13 @@ from kombu.transport.virtual import base as virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from tasks_platform.visibility import renew_leases, renewal_interval
+
 logger = logging.getLogger(__name__)
 #: seconds an acknowledgement waits, at most, for the next message's round trip
 ACK_DELAY = 0.01
 #: messages one fetch takes beyond the one ``BRPOP`` returned, at most
 FETCH_MAX = 63
-#: a batch that runs long renews the lease of its waiting jobs this often per visibility timeout
-RENEWALS_PER_TIMEOUT = 4
 
 #: KEYS: the unacknowledged hash, its index, then the lists to pop from, in order.
 #: ARGV: the time; the tag and record of the message ``BRPOP`` returned; how many more to pop;
@@ -195,6 +196,9 @@ class Channel(redis.Channel):
 
     def _brpop_read(self, **options: Any) -> Any:
         self.fetch_room = self._room()
+        # the batch's leases run from its fetch, renewed as often as a worker renews its own
+        interval = renewal_interval(self.visibility_timeout)
+        renew_at = time() + interval
         try:
             got = super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except BaseException:
@@ -203,32 +207,21 @@ class Channel(redis.Channel):
         finally:
             self.fetch_room = 0
         fetched, delivered = self._take_fetched(), 0
-        renew_at = time() + self.visibility_timeout / RENEWALS_PER_TIMEOUT
         try:
             for queue, message in fetched:
                 if _stopping():  # a solo pool runs each job as it is delivered: stop between
                     break
                 if time() >= renew_at:  # the batch runs long: keep what waits from the sweep
-                    self._renew(fetched[delivered:])
-                    renew_at = time() + self.visibility_timeout / RENEWALS_PER_TIMEOUT
+                    self.qos.flush_acks()  # those that ran: their timer waits too
+                    renew_leases(
+                        self, [m["properties"]["delivery_tag"] for _, m in fetched[delivered:]]
+                    )
+                    renew_at = time() + interval
                 delivered += 1
                 self.connection._deliver(message, queue)
         finally:
             self._hand_back(fetched[delivered:])
         return got
-
-    def _renew(self, waiting: list[tuple[str, Any]]) -> None:
-        """Move the delivery time of the jobs of a batch still waiting to now, and send the
-        acknowledgements of those that ran (the event loop, whose timers do both, is not
-        turning while a solo pool runs the batch)."""
-        tags = [message["properties"]["delivery_tag"] for _, message in waiting]
-        self.qos.flush_acks()
-        try:
-            with self.conn_or_acquire() as client:
-                client.zadd(self.unacked_index_key, dict.fromkeys(tags, time()), xx=True)
-        except Exception:
-            logger.warning("could not renew the visibility of %d waiting job(s)", len(tags),
-                           exc_info=True)  # fmt: skip
 
     def _room(self) -> int:
         if self.global_keyprefix:  # the script's keys would need the prefix: kombu's path

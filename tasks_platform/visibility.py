@@ -83,16 +83,21 @@ class VisibilityLease(bootsteps.StartStopStep):  # type: ignore[misc]
         tags = held_delivery_tags()
         if not tags:
             return 0
-        try:
-            channel = c.task_consumer.channel
-            now = time.time()
-            # a pooled connection of its own: ``channel.client`` is the one waiting in BRPOP,
-            # and a command sent on it would take BRPOP's reply (and stop the worker)
-            with channel.conn_or_acquire() as client:
-                renewed = client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now),
-                                      xx=True, ch=True)  # fmt: skip
-        except Exception:  # the next renewal tries again; a broker outage is logged elsewhere
-            logger.warning("could not renew the visibility of %d held job(s)", len(tags),
-                           exc_info=True)  # fmt: skip
-            return 0
-        return int(renewed or 0)
+        return renew_leases(c.task_consumer.channel, tags)
+
+
+def renew_leases(channel: Any, tags: list[str]) -> int:
+    """Move the delivery time of the jobs ``tags`` names in kombu's unacknowledged index (of
+    ``channel``, a Redis channel) to now, leaving out those acknowledged meanwhile; how many
+    leases were renewed (0 when Redis could not be told: the next renewal tries again)."""
+    try:
+        # a pooled connection of its own: ``channel.client`` is the one waiting in BRPOP,
+        # and a command sent on it would take BRPOP's reply (and stop the worker)
+        with channel.conn_or_acquire() as client:
+            renewed = client.zadd(channel.unacked_index_key, dict.fromkeys(tags, time.time()),
+                                  xx=True, ch=True)  # fmt: skip
+    except Exception:  # a broker outage is logged elsewhere
+        logger.warning("could not renew the visibility of %d held job(s)", len(tags),
+                       exc_info=True)  # fmt: skip
+        return 0
+    return int(renewed or 0)

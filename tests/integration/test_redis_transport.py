@@ -314,7 +314,7 @@ def test_a_batch_that_runs_long_renews_the_visibility_of_the_jobs_still_waiting(
     with batching("renew", visibility_timeout=0.4) as b:
         b.publish(list(range(5)))
         with b.connection.Consumer(b.queue, callbacks=[take], prefetch_count=8):
-            b.connection.drain_events(timeout=5)  # one batch of five, 0.75 s: renewed twice
+            b.connection.drain_events(timeout=5)  # one batch of five, 0.75 s: renewed on the way
         assert len(began) == 5
         assert scores[0] <= began[0]  # as fetched
         assert scores[-1] >= began[1]  # the last one's lease was renewed while it waited
